@@ -1,0 +1,1 @@
+"""The ``secagg`` command line: one sub-module per sub-command."""

@@ -1,0 +1,151 @@
+"""Protocol messages: plain frozen dataclasses, named for what they carry.
+
+The transport converts them to and from protobuf; the core never sees the wire format.
+``wire_size`` estimates payload bytes (keys, ciphertexts, vectors, 4 bytes per index) for
+the benchmark's bytes-per-phase figures.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+
+class Mode(enum.Enum):
+    SEMI_HONEST = "semi-honest"   # honest-but-curious server, no signatures
+    ACTIVE = "active"             # signed keys and the consistency check
+
+
+class Phase(enum.IntEnum):
+    ADVERTISE_KEYS = 0
+    SHARE_KEYS = 1
+    MASKED_INPUT = 2
+    CONSISTENCY_CHECK = 3
+    UNMASKING = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """One secure-aggregation instance: what every member must agree on before it starts."""
+
+    session: bytes              # unique per round and group: HKDF salt, AEAD and signature binding
+    members: int                # m; members are indexed 1..m
+    threshold: int              # t: shares needed to reconstruct a secret
+    dim: int                    # length of the encoded vector, extra coordinates included
+    modulus_bits: int = 32      # 32 or 64: arithmetic mod 2^k in the numpy word
+    mode: Mode = Mode.SEMI_HONEST
+    neighbors: int | None = None   # None: complete graph; else SecAgg+ k-regular graph
+    graph_seed: bytes = b"\x00" * 32
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint32 if self.modulus_bits == 32 else np.uint64)
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys:
+    index: int
+    c_public: bytes                 # X25519, share encryption
+    s_public: bytes                 # X25519, pairwise masks
+    signature: bytes = b""          # active mode: Ed25519 over keys_message(...)
+    identity: bytes = b""           # active mode: the signer's registered Ed25519 public key
+
+
+@dataclass(frozen=True)
+class KeysBroadcast:
+    keys: tuple[AdvertiseKeys, ...]  # U1, restricted to the receiver's neighbourhood
+
+
+@dataclass(frozen=True)
+class EncryptedShare:
+    sender: int
+    receiver: int
+    ciphertext: bytes
+
+
+@dataclass(frozen=True)
+class ShareKeys:
+    index: int
+    shares: tuple[EncryptedShare, ...]   # one per neighbour in U1
+
+
+@dataclass(frozen=True)
+class SharesDelivery:
+    receiver: int
+    shares: tuple[EncryptedShare, ...]   # from every neighbour in U2
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedInput:
+    index: int
+    vector: np.ndarray
+
+
+@dataclass(frozen=True)
+class ConsistencyRequest:
+    survivors: frozenset[int]            # U3
+
+
+@dataclass(frozen=True)
+class ConsistencySignature:
+    index: int
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    survivors: frozenset[int]            # U3: reveal the self-mask share of these
+    dropped: frozenset[int]              # U2 \ U3: reveal the mask-key share of these
+    signatures: tuple[ConsistencySignature, ...] = ()   # active mode: U4's signatures of U3
+
+
+@dataclass(frozen=True)
+class UnmaskResponse:
+    index: int
+    self_mask_shares: tuple[tuple[int, bytes], ...]   # (owner, share of b_owner)
+    mask_key_shares: tuple[tuple[int, bytes], ...]    # (owner, share of s_owner's secret key)
+
+
+ClientMessage = AdvertiseKeys | ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse
+ServerMessage = KeysBroadcast | SharesDelivery | ConsistencyRequest | UnmaskRequest
+
+PHASE_OF: dict[type, Phase] = {
+    AdvertiseKeys: Phase.ADVERTISE_KEYS,
+    ShareKeys: Phase.SHARE_KEYS,
+    MaskedInput: Phase.MASKED_INPUT,
+    ConsistencySignature: Phase.CONSISTENCY_CHECK,
+    UnmaskResponse: Phase.UNMASKING,
+}
+
+
+@dataclass
+class AggregateResult:
+    """The server's output for one group: the exact sum of the survivors' encoded inputs."""
+
+    total: np.ndarray                     # unsigned words mod 2^k
+    survivors: frozenset[int]             # U3: whose inputs are in the sum
+    responders: frozenset[int]            # U5: who helped unmask
+    dropped: dict[int, tuple[Phase, str]] = field(default_factory=dict)
+
+
+def wire_size(msg: object) -> int:
+    """Payload bytes of a message: bytes fields, vectors, 4 bytes per integer."""
+    if isinstance(msg, (bytes, bytearray)):
+        return len(msg)
+    if isinstance(msg, np.ndarray):
+        return msg.nbytes
+    if isinstance(msg, bool):
+        return 1
+    if isinstance(msg, int):
+        return 4
+    if isinstance(msg, (tuple, list, frozenset, set)):
+        return sum(wire_size(m) for m in msg)
+    if hasattr(msg, "__dataclass_fields__"):
+        return sum(wire_size(getattr(msg, f.name)) for f in fields(msg))  # type: ignore[arg-type]
+    raise TypeError(f"no wire size for {type(msg).__name__}")

@@ -1,0 +1,267 @@
+"""The server side of one secure-aggregation instance, as a sans-I/O state machine.
+
+The transport feeds client messages to ``receive`` and calls ``close_phase`` when everyone
+expected has answered or the phase deadline has passed; ``close_phase`` returns the message
+for each remaining client.  A bad message raises RemoteProtocolError naming the client; a
+client that sent a malformed, badly signed or wrong-length message is dropped and the round
+goes on.  Only too few survivors (fewer than t) abort the group.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import graph, prg, shamir, signatures
+from .aead import NONCE_BYTES
+from .errors import AbortError, DropReason, LocalProtocolError, RemoteProtocolError
+from .keys import KeyPair, Purpose, pair_key
+from .messages import (
+    PHASE_OF,
+    AdvertiseKeys,
+    AggregateResult,
+    ClientMessage,
+    ConsistencyRequest,
+    ConsistencySignature,
+    GroupConfig,
+    KeysBroadcast,
+    MaskedInput,
+    Mode,
+    Phase,
+    ServerMessage,
+    ShareKeys,
+    SharesDelivery,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+
+SHARE_CIPHERTEXT_BYTES = NONCE_BYTES + 2 * shamir.SHARE_BYTES + 16
+
+
+class ServerState(enum.Enum):
+    RUNNING = "running"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+# phase -> phase after it closes, per mode.  The only table of transitions.
+NEXT_PHASE: dict[Mode, dict[Phase, Phase | None]] = {
+    Mode.SEMI_HONEST: {
+        Phase.ADVERTISE_KEYS: Phase.SHARE_KEYS,
+        Phase.SHARE_KEYS: Phase.MASKED_INPUT,
+        Phase.MASKED_INPUT: Phase.UNMASKING,
+        Phase.UNMASKING: None,
+    },
+    Mode.ACTIVE: {
+        Phase.ADVERTISE_KEYS: Phase.SHARE_KEYS,
+        Phase.SHARE_KEYS: Phase.MASKED_INPUT,
+        Phase.MASKED_INPUT: Phase.CONSISTENCY_CHECK,
+        Phase.CONSISTENCY_CHECK: Phase.UNMASKING,
+        Phase.UNMASKING: None,
+    },
+}
+
+# Rejections that leave the client in the round (its earlier, valid message stands).
+_REJECT_ONLY = frozenset({DropReason.DUPLICATE, DropReason.OUT_OF_PHASE})
+
+
+class ServerMachine:
+    """Collects one group's messages phase by phase and unmasks the exact sum."""
+
+    def __init__(self, config: GroupConfig, *, identities: Mapping[int, bytes] | None = None) -> None:
+        if config.mode is Mode.ACTIVE and identities is None:
+            raise LocalProtocolError("active mode needs the members' registered identity keys")
+        self.config = config
+        self.state = ServerState.RUNNING
+        self.phase: Phase = Phase.ADVERTISE_KEYS
+        self.neighbors = graph.build(config.members, config.neighbors, config.graph_seed)
+        self._identities = dict(identities or {})
+        self.alive: set[int] = set(range(1, config.members + 1))
+        self.received: dict[Phase, dict[int, ClientMessage]] = {p: {} for p in Phase}
+        self.dropouts: dict[int, tuple[Phase, DropReason, str]] = {}
+        self._sum = np.zeros(config.dim, dtype=config.dtype)
+        self._u1: dict[int, AdvertiseKeys] = {}
+        self._u2: frozenset[int] = frozenset()
+        self._u3: frozenset[int] = frozenset()
+        self.result: AggregateResult | None = None
+        self.abort_reason = ""
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def waiting_for(self) -> frozenset[int]:
+        """Clients still expected to send this phase's message."""
+        if self.state is not ServerState.RUNNING:
+            return frozenset()
+        return frozenset(self.alive - set(self.received[self.phase]))
+
+    def drop(self, index: int, reason: DropReason, detail: str = "") -> None:
+        """The transport saw ``index`` go (stream closed, deadline) or the core rejected it."""
+        if index in self.alive:
+            self.alive.discard(index)
+            self.dropouts[index] = (self.phase, reason, detail or reason.value)
+
+    def _reject(self, index: int | None, reason: DropReason, message: str) -> RemoteProtocolError:
+        if index is not None and reason not in _REJECT_ONLY:
+            self.drop(index, reason, message)
+        return RemoteProtocolError(message, index=index, reason=reason)
+
+    def _abort(self, message: str) -> AbortError:
+        self.state = ServerState.ABORTED
+        self.abort_reason = message
+        return AbortError(message)
+
+    def holders(self, u: int) -> frozenset[int]:
+        return self.neighbors[u] | {u}
+
+    # -- input ---------------------------------------------------------------------------
+    def receive(self, msg: ClientMessage) -> None:
+        """Validate and record one client message; raises RemoteProtocolError if rejected."""
+        if self.state is not ServerState.RUNNING:
+            raise LocalProtocolError(f"group is {self.state.value}; no more messages")
+        index = msg.index
+        phase = PHASE_OF.get(type(msg))
+        if phase is None:
+            raise LocalProtocolError(f"not a client message: {type(msg).__name__}")
+        if not 1 <= index <= self.config.members:
+            raise RemoteProtocolError(f"client index {index} is not a member of this group", index=None, reason=DropReason.NOT_A_MEMBER)
+        if index not in self.alive:
+            raise RemoteProtocolError(f"client {index} already left this round", index=index, reason=DropReason.NOT_A_MEMBER)
+        if index in self.received[phase]:
+            raise self._reject(index, DropReason.DUPLICATE, f"client {index} already sent its {phase.label} message")
+        if phase is not self.phase:
+            raise self._reject(index, DropReason.OUT_OF_PHASE, f"{phase.label} message from client {index} during {self.phase.label}")
+        getattr(self, f"_on_{phase.label}")(msg)
+        self.received[phase][index] = msg
+
+    def _on_advertise_keys(self, msg: AdvertiseKeys) -> None:
+        if len(msg.c_public) != 32 or len(msg.s_public) != 32:
+            raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: public keys must be 32 bytes")
+        if self.config.mode is Mode.ACTIVE:
+            if msg.identity != self._identities.get(msg.index):
+                raise self._reject(msg.index, DropReason.BAD_SIGNATURE, f"client {msg.index}: identity key is not the registered one")
+            try:
+                signatures.verify(msg.identity, msg.signature, signatures.keys_message(self.config.session, msg.index, msg.c_public, msg.s_public), index=msg.index)
+            except RemoteProtocolError as exc:
+                raise self._reject(msg.index, DropReason.BAD_SIGNATURE, str(exc)) from None
+
+    def _on_share_keys(self, msg: ShareKeys) -> None:
+        expected = self.neighbors[msg.index] & set(self._u1)
+        receivers = [s.receiver for s in msg.shares]
+        if any(s.sender != msg.index for s in msg.shares) or len(set(receivers)) != len(receivers) or set(receivers) != expected:
+            raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: needs exactly one share for each of its {len(expected)} neighbours")
+        if any(len(s.ciphertext) != SHARE_CIPHERTEXT_BYTES for s in msg.shares):
+            raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: share ciphertexts must be {SHARE_CIPHERTEXT_BYTES} bytes")
+
+    def _on_masked_input(self, msg: MaskedInput) -> None:
+        v = msg.vector
+        if not isinstance(v, np.ndarray) or v.shape != (self.config.dim,) or v.dtype != self.config.dtype:
+            shape = getattr(v, "shape", None)
+            raise self._reject(msg.index, DropReason.WRONG_LENGTH, f"client {msg.index}: masked input must be {self.config.dim} words of {self.config.dtype}, got {shape}")
+        self._sum += v
+
+    def _on_consistency_check(self, msg: ConsistencySignature) -> None:
+        try:
+            signatures.verify(self._identities[msg.index], msg.signature, signatures.consistency_message(self.config.session, self._u3), index=msg.index)
+        except RemoteProtocolError as exc:
+            raise self._reject(msg.index, DropReason.BAD_SIGNATURE, str(exc)) from None
+
+    def _on_unmasking(self, msg: UnmaskResponse) -> None:
+        u = msg.index
+        want_b = self._u3 & self.holders(u)
+        want_s = (self._u2 - self._u3) & self.neighbors[u]
+        got_b = [o for o, _ in msg.self_mask_shares]
+        got_s = [o for o, _ in msg.mask_key_shares]
+        if sorted(got_b) != sorted(want_b) or sorted(got_s) != sorted(want_s):
+            raise self._reject(u, DropReason.MALFORMED, f"client {u}: expected self-mask shares of {sorted(want_b)} and mask-key shares of {sorted(want_s)}")
+        for _, share in msg.self_mask_shares + msg.mask_key_shares:
+            if len(share) != shamir.SHARE_BYTES or int.from_bytes(share, "big") >= shamir.PRIME:
+                raise self._reject(u, DropReason.MALFORMED, f"client {u}: a share is not a field element")
+
+    # -- phase transitions ---------------------------------------------------------------
+    def close_phase(self) -> dict[int, ServerMessage]:
+        """End the current phase (stragglers are dropped) and return what to send to whom."""
+        if self.state is not ServerState.RUNNING:
+            raise LocalProtocolError(f"group is {self.state.value}")
+        for late in self.waiting_for():
+            self.drop(late, DropReason.TIMEOUT, f"no {self.phase.label} message before the deadline")
+        got = self.received[self.phase]
+        if len(got) < self.config.threshold:
+            raise self._abort(f"only {len(got)} clients completed {self.phase.label}, threshold is {self.config.threshold}")
+        out = getattr(self, f"_close_{self.phase.label}")()
+        nxt = NEXT_PHASE[self.config.mode][self.phase]
+        if nxt is None:
+            self.state = ServerState.DONE
+        else:
+            self.phase = nxt
+        return out
+
+    def _close_advertise_keys(self) -> dict[int, ServerMessage]:
+        self._u1 = dict(self.received[Phase.ADVERTISE_KEYS])  # type: ignore[arg-type]
+        return {u: KeysBroadcast(tuple(self._u1[v] for v in sorted(self.holders(u) & set(self._u1)))) for u in self._u1}
+
+    def _close_share_keys(self) -> dict[int, ServerMessage]:
+        sent: dict[int, ShareKeys] = self.received[Phase.SHARE_KEYS]  # type: ignore[assignment]
+        self._u2 = frozenset(sent)
+        inbox: dict[int, list] = {v: [] for v in self._u2}
+        for u in sorted(self._u2):
+            for s in sent[u].shares:
+                if s.receiver in inbox:
+                    inbox[s.receiver].append(s)
+        return {v: SharesDelivery(v, tuple(inbox[v])) for v in sorted(self._u2)}
+
+    def _close_masked_input(self) -> dict[int, ServerMessage]:
+        self._u3 = frozenset(self.received[Phase.MASKED_INPUT])
+        if self.config.mode is Mode.ACTIVE:
+            return {u: ConsistencyRequest(self._u3) for u in sorted(self._u3)}
+        req = UnmaskRequest(self._u3, self._u2 - self._u3)
+        return {u: req for u in sorted(self._u3 & self.alive)}
+
+    def _close_consistency_check(self) -> dict[int, ServerMessage]:
+        sigs: dict[int, ConsistencySignature] = self.received[Phase.CONSISTENCY_CHECK]  # type: ignore[assignment]
+        req = UnmaskRequest(self._u3, self._u2 - self._u3, tuple(sigs[i] for i in sorted(sigs)))
+        return {u: req for u in sorted(sigs)}
+
+    def _close_unmasking(self) -> dict[int, ServerMessage]:
+        self.result = self._unmask()
+        return {}
+
+    # -- unmasking -----------------------------------------------------------------------
+    def _unmask(self) -> AggregateResult:
+        responses: dict[int, UnmaskResponse] = self.received[Phase.UNMASKING]  # type: ignore[assignment]
+        b_shares: dict[int, dict[int, int]] = {}
+        s_shares: dict[int, dict[int, int]] = {}
+        for r in responses.values():
+            for owner, share in r.self_mask_shares:
+                b_shares.setdefault(owner, {})[r.index] = int.from_bytes(share, "big")
+            for owner, share in r.mask_key_shares:
+                s_shares.setdefault(owner, {})[r.index] = int.from_bytes(share, "big")
+        coeff_cache: dict[tuple[int, ...], dict[int, int]] = {}
+
+        def recover(owner: int, shares: dict[int, int], what: str) -> bytes:
+            xs = tuple(sorted(shares)[: self.config.threshold])
+            if len(xs) < self.config.threshold:
+                raise self._abort(f"only {len(xs)} shares of client {owner}'s {what}, threshold is {self.config.threshold}")
+            if xs not in coeff_cache:
+                coeff_cache[xs] = shamir.lagrange_at_zero(xs)
+            try:
+                return shamir.combine(coeff_cache[xs], shares)
+            except ValueError as exc:
+                raise self._abort(f"client {owner}'s {what} did not reconstruct: {exc}") from None
+
+        cfg = self.config
+        total = self._sum.copy()
+        for u in sorted(self._u3):
+            total -= prg.expand(recover(u, b_shares.get(u, {}), "self-mask seed"), cfg.dim, cfg.dtype)
+        for v in sorted(self._u2 - self._u3):
+            s_private = recover(v, s_shares.get(v, {}), "mask key")
+            if KeyPair.from_private(s_private).public != self._u1[v].s_public:
+                raise self._abort(f"client {v}'s reconstructed mask key does not match its advertised key (bad shares)")
+            for w in sorted(self._u3 & self.neighbors[v]):
+                seed = pair_key(s_private, self._u1[w].s_public, session=cfg.session, purpose=Purpose.MASK_SEED, u=v, v=w)
+                if v > w:   # w added +PRG(s_wv)
+                    total -= prg.expand(seed, cfg.dim, cfg.dtype)
+                else:       # w subtracted it
+                    total += prg.expand(seed, cfg.dim, cfg.dtype)
+        dropped = {i: (p, r.value) for i, (p, r, _) in self.dropouts.items()}
+        return AggregateResult(total=total, survivors=self._u3, responders=frozenset(responses), dropped=dropped)
