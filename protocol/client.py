@@ -16,7 +16,7 @@ import numpy as np
 
 from . import aead, graph, prg, shamir, signatures, thresholds
 from .errors import AbortError, LocalProtocolError, RemoteProtocolError
-from .keys import KeyPair, Purpose, generate_keypair, pair_key
+from .keys import KeyPair, Purpose, generate_keypair, pair_keys
 from .messages import (
     AdvertiseKeys,
     ConsistencyRequest,
@@ -55,12 +55,10 @@ TRANSITIONS: dict[str, tuple[frozenset[ClientState], ClientState]] = {
 
 def mask_vector(dim: int, dtype: np.dtype, self_seed: bytes, pair_seeds: dict[int, bytes], index: int) -> np.ndarray:
     """PRG(b_u) + sum_{v>u} PRG(s_uv) - sum_{v<u} PRG(s_uv) mod 2^k: one expansion per seed."""
-    mask = prg.expand(self_seed, dim, dtype).copy()
+    mask = np.zeros(dim, dtype=dtype)
+    prg.accumulate(mask, self_seed)
     for v, seed in pair_seeds.items():
-        if v > index:
-            mask += prg.expand(seed, dim, dtype)
-        else:
-            mask -= prg.expand(seed, dim, dtype)
+        prg.accumulate(mask, seed, subtract=v < index)
     return mask
 
 
@@ -105,6 +103,8 @@ class ClientMachine:
         self._u2: frozenset[int] = frozenset()              # neighbours that sent us shares (and self)
         self._held_b: dict[int, bytes] = {}                 # owner -> our share of b_owner
         self._held_s: dict[int, bytes] = {}                 # owner -> our share of s_owner
+        self._share_keys: dict[int, bytes] = {}             # peer -> AEAD key for shares, both ways
+        self._mask_seeds: dict[int, bytes] = {}             # peer -> pairwise mask seed s_uv
         self._survivors: frozenset[int] | None = None        # U3 as signed in active mode
 
     # -- the state table ---------------------------------------------------------------
@@ -172,6 +172,15 @@ class ClientMachine:
         if len(peers) < self.config.threshold:
             raise self._abort(f"only {len(peers)} of our share holders advertised keys, threshold is {self.config.threshold}")
         self._peers = peers
+        # Key agreement happens as soon as the keys arrive, so the masked-input phase, the one
+        # that holds the user's data, does nothing but PRG expansions and additions.
+        others = {v: p for v, p in peers.items() if v != self.index}
+        session = self.config.session
+        try:
+            self._share_keys = pair_keys(self._c.private, {v: p.c_public for v, p in others.items()}, session=session, purpose=Purpose.SHARE_ENCRYPTION, u=self.index)
+            self._mask_seeds = pair_keys(self._s.private, {v: p.s_public for v, p in others.items()}, session=session, purpose=Purpose.MASK_SEED, u=self.index)
+        except ValueError as exc:
+            raise self._abort(str(exc)) from None
         self._self_seed = self._randbytes(prg.SEED_BYTES)
         holders = sorted(peers)
         table = shamir.split([self._self_seed, self._s.private], self.config.threshold, holders, self._randbytes)
@@ -182,8 +191,7 @@ class ClientMachine:
             if v == self.index:
                 self._held_b[v], self._held_s[v] = b_share.to_bytes(), s_share.to_bytes()
                 continue
-            key = pair_key(self._c.private, peers[v].c_public, session=self.config.session, purpose=Purpose.SHARE_ENCRYPTION, u=self.index, v=v)
-            ct = aead.seal(key, plaintext, session=self.config.session, sender=self.index, receiver=v, nonce=self._randbytes(aead.NONCE_BYTES))
+            ct = aead.seal(self._share_keys[v], plaintext, session=self.config.session, sender=self.index, receiver=v, nonce=self._randbytes(aead.NONCE_BYTES))
             out.append(EncryptedShare(self.index, v, ct))
         return ShareKeys(self.index, tuple(out))
 
@@ -203,8 +211,7 @@ class ClientMachine:
             v = es.sender
             if es.receiver != self.index or v not in self._peers or v == self.index or v in senders:
                 raise self._abort(f"unexpected share from client {v} to {es.receiver}")
-            key = pair_key(self._c.private, self._peers[v].c_public, session=cfg.session, purpose=Purpose.SHARE_ENCRYPTION, u=self.index, v=v)
-            plain = aead.open_(key, es.ciphertext, session=cfg.session, sender=v, receiver=self.index)
+            plain = aead.open_(self._share_keys[v], es.ciphertext, session=cfg.session, sender=v, receiver=self.index)
             if len(plain) != 2 * shamir.SHARE_BYTES:
                 raise RemoteProtocolError(f"share plaintext from client {v} has the wrong length", index=v)
             self._held_b[v], self._held_s[v] = plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :]
@@ -212,12 +219,10 @@ class ClientMachine:
         self._u2 = frozenset(senders | {self.index})
         if len(self._u2) < cfg.threshold:
             raise self._abort(f"only {len(self._u2)} share holders remain, threshold is {cfg.threshold}")
-        pair_seeds = {
-            v: pair_key(self._s.private, self._peers[v].s_public, session=cfg.session, purpose=Purpose.MASK_SEED, u=self.index, v=v)
-            for v in senders
-        }
         y = encoded.copy()
-        y += mask_vector(cfg.dim, cfg.dtype, self._self_seed, pair_seeds, self.index)
+        prg.accumulate(y, self._self_seed)
+        for v in sorted(senders):
+            prg.accumulate(y, self._mask_seeds[v], subtract=v < self.index)
         return MaskedInput(self.index, y)
 
     # -- round 3 (active mode): consistency check ---------------------------------------

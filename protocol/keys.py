@@ -54,13 +54,26 @@ def agree(private: bytes, peer_public: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).exchange(peer)
 
 
+def hkdf_sha256(ikm: bytes, *, salt: bytes, info: bytes, length: int = KEY_BYTES) -> bytes:
+    """RFC 5869 HKDF with SHA-256 (tested against the RFC's vectors)."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
 def derive(shared: bytes, *, session: bytes, purpose: Purpose, first: int, second: int) -> bytes:
     """HKDF-SHA256(shared, salt=session, info=version|purpose|first|second) -> 32 bytes."""
     info = b"|".join((PROTOCOL_VERSION, purpose.value, first.to_bytes(4, "big"), second.to_bytes(4, "big")))
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=session, info=info).derive(shared)
+    return hkdf_sha256(shared, salt=session, info=info)
 
 
-def pair_key(private: bytes, peer_public: bytes, *, session: bytes, purpose: Purpose, u: int, v: int) -> bytes:
-    """The key both u and v compute for ``purpose``; indices ordered so both sides agree."""
-    lo, hi = (u, v) if u < v else (v, u)
-    return derive(agree(private, peer_public), session=session, purpose=purpose, first=lo, second=hi)
+def pair_keys(private: bytes, peers: dict[int, bytes], *, session: bytes, purpose: Purpose, u: int) -> dict[int, bytes]:
+    """The key u and each peer v both compute for ``purpose`` (indices ordered so both agree)."""
+    sk = X25519PrivateKey.from_private_bytes(private)
+    out = {}
+    for v, public in peers.items():
+        try:
+            shared = sk.exchange(X25519PublicKey.from_public_bytes(public))
+        except ValueError as exc:
+            raise ValueError(f"invalid X25519 public key of client {v}: {exc}") from None
+        lo, hi = (u, v) if u < v else (v, u)
+        out[v] = derive(shared, session=session, purpose=purpose, first=lo, second=hi)
+    return out

@@ -17,7 +17,7 @@ import numpy as np
 from . import graph, prg, shamir, signatures
 from .aead import NONCE_BYTES
 from .errors import AbortError, DropReason, LocalProtocolError, RemoteProtocolError
-from .keys import KeyPair, Purpose, pair_key
+from .keys import KeyPair, Purpose, pair_keys
 from .messages import (
     PHASE_OF,
     AdvertiseKeys,
@@ -175,7 +175,7 @@ class ServerMachine:
         if sorted(got_b) != sorted(want_b) or sorted(got_s) != sorted(want_s):
             raise self._reject(u, DropReason.MALFORMED, f"client {u}: expected self-mask shares of {sorted(want_b)} and mask-key shares of {sorted(want_s)}")
         for _, share in msg.self_mask_shares + msg.mask_key_shares:
-            if len(share) != shamir.SHARE_BYTES or int.from_bytes(share, "big") >= shamir.PRIME:
+            if len(share) != shamir.SHARE_BYTES or share[0] > 1:  # 66 bytes, value < 2^521
                 raise self._reject(u, DropReason.MALFORMED, f"client {u}: a share is not a field element")
 
     # -- phase transitions ---------------------------------------------------------------
@@ -229,39 +229,37 @@ class ServerMachine:
     # -- unmasking -----------------------------------------------------------------------
     def _unmask(self) -> AggregateResult:
         responses: dict[int, UnmaskResponse] = self.received[Phase.UNMASKING]  # type: ignore[assignment]
-        b_shares: dict[int, dict[int, int]] = {}
-        s_shares: dict[int, dict[int, int]] = {}
+        b_shares: dict[int, dict[int, bytes]] = {}
+        s_shares: dict[int, dict[int, bytes]] = {}
         for r in responses.values():
             for owner, share in r.self_mask_shares:
-                b_shares.setdefault(owner, {})[r.index] = int.from_bytes(share, "big")
+                b_shares.setdefault(owner, {})[r.index] = share
             for owner, share in r.mask_key_shares:
-                s_shares.setdefault(owner, {})[r.index] = int.from_bytes(share, "big")
+                s_shares.setdefault(owner, {})[r.index] = share
         coeff_cache: dict[tuple[int, ...], dict[int, int]] = {}
+        t = self.config.threshold
 
-        def recover(owner: int, shares: dict[int, int], what: str) -> bytes:
-            xs = tuple(sorted(shares)[: self.config.threshold])
-            if len(xs) < self.config.threshold:
-                raise self._abort(f"only {len(xs)} shares of client {owner}'s {what}, threshold is {self.config.threshold}")
+        def recover(owner: int, shares: dict[int, bytes], what: str) -> bytes:
+            xs = tuple(sorted(shares)[:t])   # the same first-t responders for most owners: one Lagrange set
+            if len(xs) < t:
+                raise self._abort(f"only {len(xs)} shares of client {owner}'s {what}, threshold is {t}")
             if xs not in coeff_cache:
                 coeff_cache[xs] = shamir.lagrange_at_zero(xs)
             try:
-                return shamir.combine(coeff_cache[xs], shares)
+                return shamir.combine(coeff_cache[xs], {x: int.from_bytes(shares[x], "big") for x in xs})
             except ValueError as exc:
                 raise self._abort(f"client {owner}'s {what} did not reconstruct: {exc}") from None
 
         cfg = self.config
         total = self._sum.copy()
         for u in sorted(self._u3):
-            total -= prg.expand(recover(u, b_shares.get(u, {}), "self-mask seed"), cfg.dim, cfg.dtype)
+            prg.accumulate(total, recover(u, b_shares.get(u, {}), "self-mask seed"), subtract=True)
         for v in sorted(self._u2 - self._u3):
             s_private = recover(v, s_shares.get(v, {}), "mask key")
             if KeyPair.from_private(s_private).public != self._u1[v].s_public:
                 raise self._abort(f"client {v}'s reconstructed mask key does not match its advertised key (bad shares)")
-            for w in sorted(self._u3 & self.neighbors[v]):
-                seed = pair_key(s_private, self._u1[w].s_public, session=cfg.session, purpose=Purpose.MASK_SEED, u=v, v=w)
-                if v > w:   # w added +PRG(s_wv)
-                    total -= prg.expand(seed, cfg.dim, cfg.dtype)
-                else:       # w subtracted it
-                    total += prg.expand(seed, cfg.dim, cfg.dtype)
+            peers = {w: self._u1[w].s_public for w in sorted(self._u3 & self.neighbors[v])}
+            for w, seed in pair_keys(s_private, peers, session=cfg.session, purpose=Purpose.MASK_SEED, u=v).items():
+                prg.accumulate(total, seed, subtract=v > w)  # w added PRG(s_wv) iff v > w
         dropped = {i: (p, r.value) for i, (p, r, _) in self.dropouts.items()}
         return AggregateResult(total=total, survivors=self._u3, responders=frozenset(responses), dropped=dropped)
