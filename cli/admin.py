@@ -1,0 +1,264 @@
+"""Operator commands over the store: ``secagg rounds``, ``rollback``, ``register``, ``models``.
+
+They work on the SQLite file directly (WAL lets them run beside a live server), so an operator
+can inspect rounds, register clients or roll the model back without an admin RPC. The store is
+imported lazily so that other sub-commands do not pay for numpy at parse time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from secagg.cli.main import UsageError
+
+if TYPE_CHECKING:
+    from secagg.server.store import RoundRecord, Store
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the rounds, rollback, register and models sub-commands."""
+    p = subparsers.add_parser(
+        "rounds",
+        help="list round records, or show one in full",
+        description="List recent round records (newest first), or show one with --show.",
+    )
+    _add_db(p)
+    p.add_argument("--limit", type=_positive_int, default=50, help="how many rounds (default 50)")
+    p.add_argument("--show", metavar="ROUND_ID", help="show this round's full record")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_rounds)
+
+    p = subparsers.add_parser(
+        "rollback",
+        help="append a model version restoring an older one",
+        description="Append a new model version whose parameters are a copy of version V. "
+        "History is never rewritten.",
+    )
+    _add_db(p)
+    p.add_argument("--to", type=_positive_int, required=True, metavar="V", help="version to restore")
+    p.add_argument("--reason", required=True, help="why (kept in the record)")
+    p.set_defaults(func=cmd_rollback)
+
+    p = subparsers.add_parser(
+        "register",
+        help="register a client's Ed25519 identity key",
+        description="Register a client identity: no registration, no vote. Creates the "
+        "database if it does not exist yet.",
+    )
+    _add_db(p)
+    p.add_argument("--client-id", required=True, metavar="ID", help="1-64 of A-Z a-z 0-9 . _ -")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--public-key-file",
+        metavar="PATH",
+        help="Ed25519 public key: 32 raw bytes, 64 hex characters or PEM",
+    )
+    source.add_argument(
+        "--key", metavar="PATH", help="the client's identity key file (NAME.identity from `secagg certs`)"
+    )
+    p.add_argument(
+        "--replace", action="store_true", help="replace a different key, or reinstate a revoked id"
+    )
+    p.set_defaults(func=cmd_register)
+
+    p = subparsers.add_parser(
+        "models", help="list model versions", description="List model versions, oldest first."
+    )
+    _add_db(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_models)
+
+
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", required=True, metavar="PATH", help="the server's SQLite database")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _open(db: str, *, must_exist: bool = True) -> Store:
+    """Open the store, turning a missing file or a store failure into a one-line usage error."""
+    from secagg.server.store import Store, StoreError
+
+    if must_exist and not Path(db).is_file():
+        raise UsageError(f"no database at {db}; start a server with `secagg serve --db {db}` first")
+    try:
+        return Store(db)
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _short_time(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    try:
+        return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return iso
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """An aligned table: rich on a terminal when installed, plain text otherwise (pipes, lean installs)."""
+    if sys.stdout.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            pass
+        else:
+            table = Table(*headers)
+            for row in rows:
+                table.add_row(*row)
+            Console().print(table)
+            return
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+    for line in (headers, *rows):
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+def _survivors_summary(record: RoundRecord) -> str:
+    """Survivors of the last recorded phase over the cohort size, e.g. ``8/10``."""
+    if not record.survivors:
+        return f"-/{len(record.cohort)}"
+    last_phase = list(record.survivors.values())[-1]
+    count = sum(len(ids) for ids in last_phase.values())
+    return f"{count}/{len(record.cohort)}"
+
+
+def cmd_rounds(args: argparse.Namespace) -> int:
+    """List rounds, or show one."""
+    from secagg.server.store import StoreError
+
+    with _open(args.db) as store:
+        try:
+            if args.show is not None:
+                record = store.round(args.show)
+                if args.json:
+                    print(json.dumps(record.to_dict(), indent=2))
+                else:
+                    _print_record(record.to_dict())
+                return 0
+            records = store.rounds(limit=args.limit)
+        except StoreError as exc:
+            raise UsageError(f"{exc}; `secagg rounds --db {args.db}` lists the rounds") from None
+    if args.json:
+        print(json.dumps([r.to_dict() for r in records], indent=2))
+        return 0
+    if not records:
+        print(f"no rounds recorded in {args.db} yet")
+        return 0
+    _print_table(
+        ("ROUND", "STARTED", "OUTCOME", "GROUPS", "SURVIVORS", "MODEL"),
+        [
+            (
+                r.round_id,
+                _short_time(r.started_at),
+                r.outcome,
+                str(len(r.groups)),
+                _survivors_summary(r),
+                _dash(r.model_version),
+            )
+            for r in records
+        ],
+    )
+    return 0
+
+
+def _print_record(fields: dict[str, Any]) -> None:
+    """``name  value`` lines; containers as one-line JSON when short, indented JSON when long."""
+    width = max(len(name) for name in fields)
+    for name, value in fields.items():
+        if isinstance(value, (dict, list)) and value:
+            compact = json.dumps(value)
+            if len(compact) <= 80:
+                print(f"{name.ljust(width)}  {compact}")
+                continue
+            print(f"{name}:")
+            for line in json.dumps(value, indent=2).splitlines():
+                print(f"  {line}")
+        elif isinstance(value, (dict, list)):
+            print(f"{name.ljust(width)}  -")
+        else:
+            print(f"{name.ljust(width)}  {_dash(value)}")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Append a version restoring --to."""
+    from secagg.server.store import StoreError
+
+    with _open(args.db) as store:
+        try:
+            version = store.rollback(args.to, args.reason)
+            digest = store.models()[-1].digest
+        except StoreError as exc:
+            raise UsageError(str(exc)) from None
+    print(f"appended model version {version} (restores version {args.to}, digest {digest[:12]})")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register a client identity from a public key file or a private identity key file."""
+    from secagg.server.store import StoreError
+    from secagg.server.tls import PKIError, identity_public_key, load_identity_key, load_identity_public_key
+
+    try:
+        if args.key is not None:
+            public_key = identity_public_key(load_identity_key(args.key))
+        else:
+            public_key = load_identity_public_key(args.public_key_file)
+    except PKIError as exc:
+        raise UsageError(str(exc)) from None
+    with _open(args.db, must_exist=False) as store:
+        try:
+            store.register_identity(args.client_id, public_key, replace=args.replace)
+        except StoreError as exc:
+            raise UsageError(str(exc)) from None
+    print(f"registered {args.client_id} (Ed25519 public key {public_key.hex()}) in {args.db}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List model versions."""
+    with _open(args.db) as store:
+        infos = store.models()
+    if args.json:
+        import dataclasses
+
+        print(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
+        return 0
+    if not infos:
+        print(f"no model versions in {args.db} yet")
+        return 0
+    _print_table(
+        ("VERSION", "CREATED", "DIGEST", "SHAPE", "RESTORES", "ROUND", "REASON"),
+        [
+            (
+                str(i.version),
+                _short_time(i.created_at),
+                i.digest[:12],
+                f"{i.dtype}{list(i.shape)}",
+                _dash(i.restores),
+                _dash(i.round_id),
+                i.reason,
+            )
+            for i in infos
+        ],
+    )
+    return 0

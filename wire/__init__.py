@@ -1,0 +1,1 @@
+"""Shared by server and client transports: protobuf <-> core dataclasses, chunking, statuses."""
