@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CHECKS", "COUNT_TOL", "FP_RTOL", "SumBounds", "CheckResult", "check_group_sum"]
+__all__ = ["CHECKS", "COUNT_TOL", "FP_RTOL", "CheckResult", "SumBounds", "check_group_sum"]
 
 #: Names of the checks, in the order they are run; each failure reason starts with one of them.
 CHECKS: tuple[str, ...] = ("count", "range", "norm", "sqnorm", "cauchy-schwarz")

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -23,15 +24,15 @@ __all__ = [
     "RULES",
     "RuleResult",
     "aggregate",
-    "mean",
-    "coordinate_median",
-    "trimmed_mean",
-    "krum",
-    "multi_krum",
-    "krum_scores",
-    "geometric_median",
     "centered_clipping",
+    "coordinate_median",
+    "geometric_median",
+    "krum",
+    "krum_scores",
+    "mean",
+    "multi_krum",
     "pairwise_sq_distances",
+    "trimmed_mean",
 ]
 
 RULES: tuple[str, ...] = (
@@ -235,7 +236,11 @@ def geometric_median(
     Starts at the (weighted) mean and iterates
         v <- sum_i b_i x_i / sum_i b_i,   b_i = w_i / max(||x_i - v||, eps)
     (the max with eps, as in Pillutla et al.'s RFA, avoids dividing by zero when v lands on
-    an input) until ||v_new - v|| <= tol * ||v|| or max_iter iterations. Breakdown point 1/2.
+    an input) until ||v_new - v|| <= tol * (sum_i w_i ||x_i - v|| / sum_i w_i), i.e. the step
+    is tiny relative to the spread of the inputs around v, or max_iter iterations. Then, since
+    Weiszfeld converges only slowly to a median that is itself an input, the input x_j nearest
+    to v is tested with Kuhn's condition ||sum_{i: x_i != x_j} w_i (x_i - x_j)/||x_i - x_j|| ||
+    <= sum_{i: x_i = x_j} w_i, and returned exactly when it holds. Breakdown point 1/2.
     """
     x = _points(points)
     g = x.shape[0]
@@ -245,6 +250,7 @@ def geometric_median(
     t = _positive("tol", tol)
     iters = _int("max_iter", max_iter, 1)
     v = np.average(x, axis=0, weights=w)
+    wsum = float(w.sum())
     converged = False
     it = 0
     while it < iters:
@@ -254,12 +260,25 @@ def geometric_median(
         v_new = (b @ x) / b.sum()
         step = float(np.linalg.norm(v_new - v))
         v = v_new
-        if step <= t * float(np.linalg.norm(v)):
+        # "Relative" to the mean distance from v to the inputs, not to ||v||: that keeps the
+        # stopping rule (and so the result) translation invariant, and 0 == 0 still stops.
+        if step <= t * float(w @ dist) / wsum:
             converged = True
             break
+    # Weiszfeld crawls (sublinearly) when the median is one of the inputs, so test the input
+    # nearest to v with Kuhn's exact optimality condition for a vertex and snap to it.
+    j = int(np.argmin(np.einsum("ij,ij->i", x - v, x - v)))
+    z = x - x[j]
+    dj = np.sqrt(np.einsum("ij,ij->i", z, z))
+    away = dj > 0
+    pull = (w[away] / dj[away]) @ z[away]  # (minus) the gradient of the others at x_j
+    vertex = bool(np.linalg.norm(pull) <= w[~away].sum())
+    if vertex:
+        v = x[j].copy()
+        converged = True
     objective = float(w @ np.linalg.norm(x - v, axis=1))
     info = {"rule": "geometric_median", "iterations": it, "converged": int(converged),
-            "objective": objective, "weighted": int(weights is not None)}
+            "vertex": int(vertex), "objective": objective, "weighted": int(weights is not None)}
     return RuleResult(v, _all(g), info)
 
 
@@ -287,8 +306,12 @@ def centered_clipping(
         c = np.asarray(center)
         if c.shape != (d,):
             raise ValueError(f"center must have shape ({d},), got {c.shape}")
-        c = _points(c[None, :])[0]
-        v = c.copy()
+        if c.dtype == np.bool_ or not (np.issubdtype(c.dtype, np.integer)
+                                       or np.issubdtype(c.dtype, np.floating)):
+            raise ValueError(f"center must be real numbers, got dtype {c.dtype}")
+        v = c.astype(np.float64)  # a copy: the caller's array is never modified
+        if not np.all(np.isfinite(v)):
+            raise ValueError("center contains NaN or inf; pass the previous aggregate or None")
         start = "given"
     if tau is None:
         t = float(np.median(np.linalg.norm(x - v, axis=1)))
