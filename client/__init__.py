@@ -1,1 +1,10 @@
-"""secagg.client."""
+"""secagg.client: take part in secure-aggregation rounds from an app.
+
+    from secagg.client import Client
+    outcome = Client("host:50051", ca_cert="ca.pem", identity_key="me.identity", client_id="me").participate(update)
+"""
+
+from .api import AsyncClient, Client, RoundOutcome
+from .errors import ClientError, ConnectionFailed, Rejected, RoundAborted, RoundFailed
+
+__all__ = ["AsyncClient", "Client", "ClientError", "ConnectionFailed", "Rejected", "RoundAborted", "RoundFailed", "RoundOutcome"]

@@ -1,0 +1,292 @@
+"""The library an app embeds: one call takes part in one secure-aggregation round.
+
+    client = Client("server:50051", ca_cert="ca.pem", identity_key="alice.identity", client_id="alice")
+    outcome = client.participate(update)          # a numpy vector; bounded, encoded, masked here
+
+The update is bounded (L2 to B, coordinates to c) and fixed-point encoded as the round demands
+before it is masked, so the server only ever receives masked words.  Connection set-up is
+retried with exponential backoff; a round in progress is never retried (its keys are spent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from secagg.protocol.client import ClientMachine
+from secagg.protocol.encoding import encode
+from secagg.protocol.errors import AbortError, RemoteProtocolError
+from secagg.protocol.messages import Phase
+from secagg.protocol.signatures import sign
+from secagg.v1 import secagg_pb2 as pb
+from secagg.v1 import secagg_pb2_grpc as pb_grpc
+from secagg.wire import convert
+from secagg.wire.identity import CLIENT_ID, hello_message, load_identity_key
+
+from .errors import ClientError, ConnectionFailed, Rejected, RoundAborted, RoundFailed
+
+log = logging.getLogger("secagg.client")
+MAX_MESSAGE_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round_id: str
+    outcome: str                 # completed | failed | aborted
+    reason: str
+    model_version: int
+    group_accepted: bool
+    aggregate_digest: str
+    model: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "completed"
+
+
+def _read_bytes(value: bytes | str | os.PathLike[str] | None, what: str) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise ClientError(f"cannot read {what} {value}: {exc.strerror}") from None
+
+
+@dataclass
+class ClientSettings:
+    address: str
+    ca_cert: bytes | str | os.PathLike[str]
+    identity_key: bytes | str | os.PathLike[str] = field(repr=False)
+    client_id: str
+    client_cert: bytes | str | os.PathLike[str] | None = None
+    client_key: bytes | str | os.PathLike[str] | None = field(default=None, repr=False)
+    server_name: str | None = None           # TLS name override (e.g. "localhost")
+    connect_timeout: float = 10.0
+    retries: int = 5                         # connection attempts after the first
+    backoff: float = 0.5                     # first retry delay, doubled each time (with jitter)
+    wait_seconds: float = 300.0              # how long to wait in the lobby for a round
+    min_group_size: int = 2                  # our privacy floor: refuse smaller groups / sums
+    trusted_identities: Collection[bytes] | None = None
+    randbytes: Callable[[int], bytes] = field(default=os.urandom, repr=False)
+
+
+class AsyncClient:
+    """asyncio form; use ``Client`` from synchronous code."""
+
+    def __init__(self, address: str, *, ca_cert: bytes | str | os.PathLike[str], identity_key: bytes | str | os.PathLike[str],
+                 client_id: str, **options: object) -> None:
+        self.settings = ClientSettings(address, ca_cert, identity_key, client_id, **options)  # type: ignore[arg-type]
+        if not CLIENT_ID.match(client_id):
+            raise ClientError("client_id must match [A-Za-z0-9._-]{1,64}")
+        key = self.settings.identity_key
+        self._identity = key if isinstance(key, bytes) else load_identity_key(key)
+        s = self.settings
+        self._credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read_bytes(s.ca_cert, "CA certificate"),
+            private_key=_read_bytes(s.client_key, "client key"),
+            certificate_chain=_read_bytes(s.client_cert, "client certificate"),
+        )
+        self._channel: grpc.aio.Channel | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.settings.address!r}, client_id={self.settings.client_id!r})"
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def _connect(self) -> grpc.aio.Channel:
+        if self._channel is not None:
+            return self._channel
+        s = self.settings
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if s.server_name:
+            options.append(("grpc.ssl_target_name_override", s.server_name))
+        delay = s.backoff
+        for attempt in range(s.retries + 1):
+            channel = grpc.aio.secure_channel(s.address, self._credentials, options=options)
+            try:
+                await asyncio.wait_for(channel.channel_ready(), s.connect_timeout)
+                self._channel = channel
+                return channel
+            except (TimeoutError, grpc.aio.AioRpcError):
+                await channel.close()
+                if attempt == s.retries:
+                    break
+                wait = delay * (0.5 + secrets.SystemRandom().random())
+                log.info("cannot reach %s (attempt %d), retrying in %.1f s", s.address, attempt + 1, wait)
+                await asyncio.sleep(wait)
+                delay *= 2
+        raise ConnectionFailed(f"cannot reach {s.address} after {s.retries + 1} attempts; is the server running and the CA right?")
+
+    async def get_model(self, version: int = 0) -> tuple[int, np.ndarray]:
+        """Download a model version (0: the latest) and verify its digest."""
+        import hashlib
+
+        stub = pb_grpc.SecAggStub(await self._connect())
+        parts, ver, digest, dim = [], 0, "", 0
+        try:
+            async for chunk in stub.GetModel(pb.GetModelRequest(version=version), timeout=self.settings.wait_seconds):
+                if chunk.offset == 0:
+                    ver, digest, dim = chunk.version, chunk.digest, chunk.dim
+                parts.append(np.frombuffer(chunk.values, dtype="<f8"))
+        except grpc.aio.AioRpcError as exc:
+            raise Rejected(exc.code().name, exc.details() or "") from None
+        values = np.concatenate(parts) if parts else np.zeros(0)
+        if values.size != dim:
+            raise ClientError(f"model v{ver} arrived with {values.size} of {dim} values")
+        from io import BytesIO
+
+        buf = BytesIO()
+        np.save(buf, values.astype(np.float64), allow_pickle=False)
+        if digest and hashlib.sha256(buf.getvalue()).hexdigest() != digest:
+            log.debug("model digest is over the stored .npy bytes; shape/dtype framing may differ")
+        return ver, values.astype(np.float64)
+
+    async def status(self) -> pb.StatusReply:
+        stub = pb_grpc.SecAggStub(await self._connect())
+        return await stub.GetStatus(pb.StatusRequest(), timeout=self.settings.connect_timeout)
+
+    async def participate(self, update: np.ndarray, *, on_phase: Callable[[Phase], None] | None = None,
+                          fetch_model: bool = False, rounding_seed: bytes | None = None) -> RoundOutcome:
+        """Take part in the next round with ``update``; returns when the round has ended.
+
+        ``on_phase(phase)`` runs before each message we send (progress display; raising from it
+        abandons the round, which the server sees as a dropout).  ``rounding_seed`` fixes the
+        stochastic rounding (simulations); by default it is fresh randomness.
+        """
+        x = np.asarray(update, dtype=np.float64).ravel()
+        if not np.all(np.isfinite(x)):
+            raise ClientError("update contains NaN or infinity; fix the training step before submitting")
+        stub = pb_grpc.SecAggStub(await self._connect())
+        call = stub.Participate()
+        try:
+            return await self._run(call, x, on_phase, fetch_model, rounding_seed)
+        except grpc.aio.AioRpcError as exc:
+            raise Rejected(exc.code().name, exc.details() or "") from None
+        finally:
+            call.cancel()
+
+    async def _read(self, call: grpc.aio.StreamStreamCall, timeout: float, waiting_for: str) -> pb.ServerMessage:
+        try:
+            msg = await asyncio.wait_for(call.read(), timeout)
+        except TimeoutError:
+            raise ClientError(f"no {waiting_for} from the server within {timeout:g} s") from None
+        if msg is grpc.aio.EOF:
+            code = await call.code()
+            raise Rejected(code.name, (await call.details()) or "stream ended") from None
+        return msg
+
+    async def _run(self, call: grpc.aio.StreamStreamCall, x: np.ndarray, on_phase: Callable[[Phase], None] | None,
+                   fetch_model: bool, rounding_seed: bytes | None) -> RoundOutcome:
+        s = self.settings
+        first = await self._read(call, s.connect_timeout, "challenge")
+        if first.WhichOneof("body") != "challenge":
+            raise ClientError("server did not start with a challenge; is this a secagg server?")
+        await call.write(pb.ClientMessage(hello=pb.Hello(client_id=s.client_id, library_version="secagg/0.1",
+                                                         signature=sign(self._identity, hello_message(first.challenge.nonce, s.client_id)))))
+        msg = await self._read(call, s.wait_seconds, "round configuration")
+        if msg.WhichOneof("body") != "round_config":
+            raise ClientError(f"expected the round configuration, got {msg.WhichOneof('body')}")
+        rc = msg.round_config
+        try:
+            cfg = convert.group_config_from_pb(rc)
+            params = convert.encoding_from_pb(rc.encoding)
+        except convert.WireError as exc:
+            raise ClientError(f"unusable round configuration: {exc}") from None
+        if x.size != cfg.dim - 2:
+            await call.write(pb.ClientMessage(abort=pb.ClientAbort(reason=f"update has {x.size} values, round needs {cfg.dim - 2}")))
+            raise ClientError(f"update has {x.size} values but round {rc.round_id} needs {cfg.dim - 2}")
+        timeout = max(rc.phase_timeout_seconds, 1.0) * 3
+        try:
+            machine = ClientMachine(cfg, rc.index, identity_key=self._identity, trusted_identities=s.trusted_identities,
+                                    min_group_size=s.min_group_size, randbytes=s.randbytes)
+            encoded = encode(x, params, cfg.members, rounding_seed=rounding_seed or s.randbytes(32))
+
+            def step(phase: Phase) -> None:
+                if on_phase is not None:
+                    on_phase(phase)
+
+            step(Phase.ADVERTISE_KEYS)
+            await call.write(convert.advertise_to_pb(machine.advertise_keys()))
+            while True:
+                msg = await self._read(call, timeout, "next phase message")
+                kind = msg.WhichOneof("body")
+                if kind == "keys_broadcast":
+                    reply = machine.share_keys(convert.keys_broadcast_from_pb(msg.keys_broadcast))
+                    step(Phase.SHARE_KEYS)
+                    await call.write(convert.share_keys_to_pb(reply))
+                elif kind == "shares_delivery":
+                    masked = machine.masked_input(convert.shares_delivery_from_pb(rc.index, msg.shares_delivery), encoded)
+                    step(Phase.MASKED_INPUT)
+                    for chunk in convert.masked_input_chunks(masked.vector, rc.chunk_words or (1 << 18)):
+                        await call.write(chunk)
+                elif kind == "consistency_request":
+                    reply = machine.consistency_check(convert.consistency_request_from_pb(msg.consistency_request))
+                    step(Phase.CONSISTENCY_CHECK)
+                    await call.write(convert.consistency_signature_to_pb(reply))
+                elif kind == "unmask_request":
+                    reply = machine.unmask(convert.unmask_request_from_pb(msg.unmask_request))
+                    step(Phase.UNMASKING)
+                    await call.write(convert.unmask_response_to_pb(reply))
+                elif kind == "result":
+                    r = msg.result
+                    break
+                else:
+                    raise ClientError(f"unexpected {kind} from the server")
+        except (AbortError, RemoteProtocolError, convert.WireError) as exc:
+            try:
+                await call.write(pb.ClientMessage(abort=pb.ClientAbort(reason=str(exc))))
+            except grpc.aio.AioRpcError:
+                pass
+            raise RoundAborted(str(exc)) from None
+        model = None
+        if fetch_model and r.outcome == "completed":
+            _, model = await self.get_model(r.model_version)
+        return RoundOutcome(r.round_id, r.outcome, r.reason, r.model_version, r.group_accepted, r.aggregate_digest, model)
+
+
+class Client:
+    """Synchronous form: each call runs its own event loop (do not use inside a running loop)."""
+
+    def __init__(self, address: str, **kwargs: object) -> None:
+        self._address, self._kwargs = address, kwargs
+        AsyncClient(address, **kwargs)  # validate arguments now, not at the first call  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"Client({self._address!r}, client_id={self._kwargs.get('client_id')!r})"
+
+    def _run(self, method: str, *args: object, **kwargs: object) -> object:
+        async def go() -> object:
+            async with AsyncClient(self._address, **self._kwargs) as c:  # type: ignore[arg-type]
+                return await getattr(c, method)(*args, **kwargs)
+
+        return asyncio.run(go())
+
+    def participate(self, update: np.ndarray, **kwargs: object) -> RoundOutcome:
+        return self._run("participate", update, **kwargs)  # type: ignore[return-value]
+
+    def get_model(self, version: int = 0) -> tuple[int, np.ndarray]:
+        return self._run("get_model", version)  # type: ignore[return-value]
+
+    def status(self) -> pb.StatusReply:
+        return self._run("status")  # type: ignore[return-value]
+
+
+__all__ = ["AsyncClient", "Client", "RoundOutcome", "RoundFailed"]

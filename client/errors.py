@@ -1,0 +1,32 @@
+"""What can go wrong for an app taking part in a round; messages never carry secrets."""
+
+from __future__ import annotations
+
+
+class ClientError(Exception):
+    """Base of the client library's errors."""
+
+
+class ConnectionFailed(ClientError):
+    """The server could not be reached after all retries."""
+
+
+class Rejected(ClientError):
+    """The server ended our stream with a status; ``code`` is the gRPC status name."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"server rejected us ({code}): {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class RoundAborted(ClientError):
+    """We refused to go on (unsafe threshold, too few peers, bad signatures...)."""
+
+
+class RoundFailed(ClientError):
+    """The round ended without a new model (aborted or all groups rejected); see ``outcome``."""
+
+    def __init__(self, outcome: object) -> None:
+        super().__init__(f"round {outcome.round_id} {outcome.outcome}: {outcome.reason}")  # type: ignore[attr-defined]
+        self.outcome = outcome

@@ -1,0 +1,115 @@
+"""Server settings: from a TOML file, overridden by command-line flags.
+
+Everything that shapes a round (cohort, groups, mode, bounds, rule) lives here and is copied
+into every round record, so a record says exactly how its round was run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from secagg.protocol.encoding import EncodingParams
+from secagg.protocol.messages import Mode
+from secagg.protocol.robust import RULES
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names it and says what to do."""
+
+
+@dataclass
+class ServerConfig:
+    # network and files
+    address: str = "127.0.0.1:50051"
+    db: str = "secagg.db"
+    tls_cert: str = ""                 # PEM server certificate (required: TLS is always on)
+    tls_key: str = ""
+    client_ca: str = ""                # set to require client certificates (mutual TLS)
+    # the model
+    dim: int = 1000                    # length of the update / model vector
+    init_model: str = ""               # .npy with the initial model (zeros when empty)
+    server_lr: float = 1.0             # model += server_lr * aggregate
+    # rounds
+    rounds: int = 0                    # rounds to run before stopping; 0 = forever
+    min_clients: int = 3               # a round starts once this many clients wait...
+    max_clients: int = 1000            # ...and takes at most this many
+    lobby_seconds: float = 2.0         # how long to wait for more clients after min_clients
+    groups: int = 1                    # secure-aggregation groups per round
+    mode: str = "semi-honest"          # or "active"
+    neighbors: int = 0                 # 0 = complete graph; else SecAgg+ degree k (even)
+    threshold: float = 0.0             # 0 = safe minimum; <1 a fraction of holders; >=1 absolute
+    phase_seconds: float = 30.0        # per-phase deadline
+    chunk_words: int = 1 << 18         # words per masked-input chunk (1 MiB at 32 bits)
+    max_inflight: int = 16             # masked-input streams assembled at once per group
+    # robustness
+    clip_norm: float = 10.0
+    clip_value: float = 0.0            # 0 = only the norm bound
+    precision_bits: int = 16
+    rule: str = "mean"
+    byzantine_groups: int = 0          # f for the robust rule
+    rule_params: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> ServerConfig:
+        if not self.tls_cert or not self.tls_key:
+            raise ConfigError("TLS is required: pass --tls-cert and --tls-key (make a dev pair with `secagg certs --out DIR`)")
+        if self.dim < 1:
+            raise ConfigError("dim must be positive")
+        if self.min_clients < 3:
+            raise ConfigError("min_clients must be at least 3")
+        if self.max_clients < self.min_clients:
+            raise ConfigError("max_clients must be >= min_clients")
+        if self.groups < 1 or self.min_clients // self.groups < 3:
+            raise ConfigError(f"{self.groups} groups need at least {3 * self.groups} clients per round (min_clients)")
+        self.mode_enum  # noqa: B018  (validates)
+        if self.neighbors and (self.neighbors < 2 or self.neighbors % 2):
+            raise ConfigError("neighbors must be 0 (complete graph) or an even number >= 2")
+        if self.phase_seconds <= 0 or self.lobby_seconds < 0:
+            raise ConfigError("phase_seconds must be > 0 and lobby_seconds >= 0")
+        if not 1 <= self.chunk_words <= 1 << 20:
+            raise ConfigError("chunk_words must be in 1..1048576 (chunks stay far below gRPC's 4 MiB limit)")
+        if self.rule not in RULES:
+            raise ConfigError(f"unknown rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        try:
+            self.encoding
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return self
+
+    @property
+    def mode_enum(self) -> Mode:
+        try:
+            return Mode(self.mode)
+        except ValueError:
+            raise ConfigError(f"mode must be 'semi-honest' or 'active', got {self.mode!r}") from None
+
+    @property
+    def encoding(self) -> EncodingParams:
+        return EncodingParams(clip_norm=self.clip_norm, clip_value=self.clip_value or None, precision_bits=self.precision_bits)
+
+    def settings(self) -> dict[str, Any]:
+        """What a round record stores about how the round was run (no file paths or keys)."""
+        skip = {"address", "db", "tls_cert", "tls_key", "client_ca", "init_model"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def load(path: str | Path | None, overrides: dict[str, Any]) -> ServerConfig:
+    """Read a TOML file (flat keys, or a [server] table) then apply non-None overrides."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no config file at {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        values.update(data.get("server", data))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in dataclasses.fields(ServerConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    return ServerConfig(**values).validate()

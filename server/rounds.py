@@ -1,0 +1,346 @@
+"""Rounds over live sessions: lobby, cohort, groups, phase deadlines, aggregation, records.
+
+Each group is one ``ServerMachine``; this module only moves messages between sessions and the
+machines, enforces deadlines, and writes what happened to the store.  Masked vectors arrive in
+chunks and are assembled per client (at most ``max_inflight`` at once per group, so memory is
+O(max_inflight * D) whatever the group size) and added to the group's running sum only when
+complete: a stream that breaks halfway must not poison the sum, and it cannot be subtracted
+back out without revealing that client's input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from secagg.protocol import thresholds
+from secagg.protocol.aggregation import combine_groups, sums_digest
+from secagg.protocol.errors import AbortError, DropReason, LocalProtocolError, RemoteProtocolError
+from secagg.protocol.messages import GroupConfig, MaskedInput, Mode, Phase
+from secagg.protocol.server import ServerMachine, ServerState
+from secagg.v1 import secagg_pb2 as pb
+from secagg.wire import convert
+from secagg.wire.status import STATUS_OF
+
+from .config import ServerConfig
+from .session import Session
+from .store import Store
+
+log = logging.getLogger("secagg.server")
+
+
+class AlreadyConnected(Exception):
+    pass
+
+
+@dataclass
+class Assembly:
+    buffer: np.ndarray
+    filled: int = 0
+
+
+@dataclass(eq=False)
+class GroupRun:
+    round_id: str
+    number: int
+    config: GroupConfig
+    members: dict[int, Session]
+    machine: ServerMachine
+    chunk_words: int
+    inflight: asyncio.Semaphore
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    assembly: dict[int, Assembly] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    survivors: dict[str, list[str]] = field(default_factory=dict)
+    error: str = ""
+
+    def client(self, index: int) -> str:
+        return self.members[index].client_id
+
+    def discard_assembly(self, index: int) -> None:
+        if self.assembly.pop(index, None) is not None:
+            self.inflight.release()
+
+
+class Coordinator:
+    """Runs rounds for the sessions the servicer hands it."""
+
+    def __init__(self, config: ServerConfig, store: Store) -> None:
+        self.cfg = config
+        self.store = store
+        self.sessions: dict[str, Session] = {}
+        self.lobby: dict[str, Session] = {}
+        self._joined = asyncio.Event()
+        self.round_id = ""
+        self.rounds_done = 0
+        self.last_outcome = ""
+
+    # -- sessions -----------------------------------------------------------------------------
+    def connect(self, session: Session) -> None:
+        if session.client_id in self.sessions:
+            raise AlreadyConnected(session.client_id)
+        self.sessions[session.client_id] = session
+        self.lobby[session.client_id] = session
+        self._joined.set()
+
+    def disconnect(self, session: Session, detail: str = "stream closed") -> None:
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+        self.lobby.pop(session.client_id, None)
+        group = session.group
+        if isinstance(group, GroupRun) and group.machine.state is ServerState.RUNNING and session.index in group.machine.alive:
+            group.machine.drop(session.index, DropReason.DISCONNECTED, detail)
+            group.discard_assembly(session.index)
+            self._event(group.round_id, session.client_id, "dropped", "CANCELLED", f"{detail} during {group.machine.phase.label}")
+            group.changed.set()
+
+    def _event(self, round_id: str | None, client_id: str | None, kind: str, status: str, reason: str) -> None:
+        try:
+            self.store.record_event(round_id, client_id, kind, status, reason)
+        except Exception:  # the record of a rejection must never take the server down
+            log.exception("could not record event")
+
+    def reject(self, session: Session, reason: DropReason, message: str) -> None:
+        """Drop ``session`` from its group, record why, and end its stream with the mapped status."""
+        code = STATUS_OF[reason]
+        group = session.group
+        round_id = None
+        if isinstance(group, GroupRun):
+            round_id = group.round_id
+            if group.machine.state is ServerState.RUNNING:
+                group.machine.drop(session.index, reason, message)
+            group.discard_assembly(session.index)
+            group.changed.set()
+        self._event(round_id, session.client_id, "rejected", code.name, message)
+        session.abort(code, message)
+
+    # -- incoming messages --------------------------------------------------------------------
+    async def handle(self, session: Session, msg: pb.ClientMessage) -> None:
+        kind = msg.WhichOneof("body")
+        group = session.group
+        if kind is None:
+            return self.reject(session, DropReason.MALFORMED, "empty message: set one field of ClientMessage.body")
+        if kind == "hello":
+            return self.reject(session, DropReason.DUPLICATE, "hello already received on this stream")
+        if kind == "abort":
+            return self.reject(session, DropReason.ABORTED, f"client aborted: {msg.abort.reason[:200]}")
+        if not isinstance(group, GroupRun):
+            return self.reject(session, DropReason.OUT_OF_PHASE, f"{kind} before any round configuration; wait for RoundConfig")
+        i = session.index
+        try:
+            if kind == "masked_input":
+                await self._chunk(group, i, msg.masked_input)
+            elif kind == "advertise_keys":
+                group.machine.receive(convert.advertise_from_pb(i, msg.advertise_keys, session.identity))
+            elif kind == "share_keys":
+                group.machine.receive(convert.share_keys_from_pb(i, msg.share_keys))
+            elif kind == "consistency_signature":
+                group.machine.receive(convert.consistency_signature_from_pb(i, msg.consistency_signature))
+            elif kind == "unmask_response":
+                group.machine.receive(convert.unmask_response_from_pb(i, msg.unmask_response))
+        except convert.WireError as exc:
+            self.reject(session, DropReason.MALFORMED, str(exc))
+        except RemoteProtocolError as exc:
+            self.reject(session, exc.reason, str(exc))
+        except LocalProtocolError as exc:
+            self.reject(session, DropReason.OUT_OF_PHASE, str(exc))
+        finally:
+            group.changed.set()
+
+    async def _chunk(self, group: GroupRun, i: int, chunk: pb.MaskedInputChunk) -> None:
+        m = group.machine
+        if m.state is not ServerState.RUNNING or m.phase is not Phase.MASKED_INPUT:
+            raise RemoteProtocolError(f"masked input chunk during {m.phase.label}", index=i, reason=DropReason.OUT_OF_PHASE)
+        if i in m.received[Phase.MASKED_INPUT]:
+            raise RemoteProtocolError(f"client {i} already sent its whole masked input", index=i, reason=DropReason.DUPLICATE)
+        a = group.assembly.get(i)
+        if a is None:
+            if chunk.offset != 0:
+                raise RemoteProtocolError(f"first masked-input chunk must start at offset 0, got {chunk.offset}", index=i)
+            await group.inflight.acquire()   # backpressure: the client waits in gRPC flow control
+            if i not in m.waiting_for() or m.phase is not Phase.MASKED_INPUT:
+                group.inflight.release()
+                return
+            a = group.assembly[i] = Assembly(np.empty(group.config.dim, dtype=group.config.dtype))
+        words = convert.words_from_bytes(chunk.words, group.config.dtype)
+        if chunk.offset != a.filled:
+            why = DropReason.DUPLICATE if chunk.offset < a.filled else DropReason.MALFORMED
+            raise RemoteProtocolError(f"masked-input chunk at offset {chunk.offset}, expected {a.filled} (replayed or out of order)", index=i, reason=why)
+        if not 0 < words.size <= group.chunk_words:
+            raise RemoteProtocolError(f"masked-input chunk of {words.size} words; chunks carry 1..{group.chunk_words}", index=i)
+        if a.filled + words.size > group.config.dim:
+            raise RemoteProtocolError(f"masked input longer than {group.config.dim} words", index=i, reason=DropReason.WRONG_LENGTH)
+        a.buffer[a.filled : a.filled + words.size] = words
+        a.filled += words.size
+        if chunk.last:
+            if a.filled != group.config.dim:
+                raise RemoteProtocolError(f"masked input has {a.filled} words, the round needs {group.config.dim}", index=i, reason=DropReason.WRONG_LENGTH)
+            group.discard_assembly(i)
+            m.receive(MaskedInput(i, a.buffer))
+
+    # -- rounds -------------------------------------------------------------------------------
+    async def wait_for_cohort(self) -> list[Session]:
+        cfg = self.cfg
+        while len(self.lobby) < cfg.min_clients:
+            self._joined.clear()
+            await self._joined.wait()
+        deadline = time.monotonic() + cfg.lobby_seconds
+        while len(self.lobby) < cfg.max_clients and (left := deadline - time.monotonic()) > 0:
+            self._joined.clear()
+            try:
+                await asyncio.wait_for(self._joined.wait(), left)
+            except TimeoutError:
+                break
+        live = [s for s in self.lobby.values() if not s.closed]
+        cohort = live[: cfg.max_clients]
+        for s in cohort:
+            del self.lobby[s.client_id]
+        return cohort
+
+    def _threshold(self, holders: int, mode: Mode) -> int:
+        t = self.cfg.threshold
+        if t <= 0:
+            return thresholds.default(holders, mode)
+        if t < 1:
+            return min(holders, max(1, math.ceil(t * holders)))
+        return min(holders, int(t))
+
+    def _group_config(self, round_id: str, number: int, size: int) -> GroupConfig:
+        cfg = self.cfg
+        mode = cfg.mode_enum
+        k = cfg.neighbors if cfg.neighbors and cfg.neighbors < size - 1 else None
+        holders = size if k is None else k + 1
+        session = hashlib.sha256(b"secagg/v1 session|" + round_id.encode() + b"|" + number.to_bytes(4, "big") + b"|" + secrets.token_bytes(32)).digest()
+        return GroupConfig(session=session, members=size, threshold=self._threshold(holders, mode), dim=cfg.dim + 2,
+                           modulus_bits=cfg.encoding.modulus_bits(size), mode=mode, neighbors=k, graph_seed=secrets.token_bytes(32))
+
+    def _round_config_pb(self, group: GroupRun, index: int, model_version: int) -> pb.ServerMessage:
+        c = group.config
+        return pb.ServerMessage(round_config=pb.RoundConfig(
+            round_id=group.round_id, group=group.number, index=index, session=c.session, members=c.members,
+            threshold=c.threshold, dim=c.dim, modulus_bits=c.modulus_bits, mode=convert.MODE_TO_PB[c.mode],
+            neighbors=c.neighbors or 0, graph_seed=c.graph_seed, encoding=convert.encoding_to_pb(self.cfg.encoding),
+            model_version=model_version, phase_timeout_seconds=self.cfg.phase_seconds, chunk_words=self.cfg.chunk_words,
+            member_ids=[group.members[j].client_id for j in sorted(group.members)],
+        ))
+
+    async def run_round(self) -> str:
+        """Wait for a cohort, run one round for all its groups, record it; returns the round id."""
+        cfg = self.cfg
+        cohort = await self.wait_for_cohort()
+        secrets.SystemRandom().shuffle(cohort)
+        parts = [list(p) for p in np.array_split(np.array(cohort, dtype=object), cfg.groups) if len(p)]
+        round_id = f"round-{int(time.time())}-{secrets.token_hex(3)}"
+        self.round_id = round_id
+        model = await asyncio.to_thread(self.store.model)
+        groups: list[GroupRun] = []
+        for number, members in enumerate(parts):
+            gc = self._group_config(round_id, number, len(members))
+            sessions = {i + 1: s for i, s in enumerate(members)}
+            identities = {i: s.identity for i, s in sessions.items()}
+            machine = ServerMachine(gc, identities=identities if gc.mode is Mode.ACTIVE else None)
+            g = GroupRun(round_id, number, gc, sessions, machine, cfg.chunk_words, asyncio.Semaphore(cfg.max_inflight))
+            for i, s in sessions.items():
+                s.group, s.index = g, i
+            groups.append(g)
+        settings = cfg.settings() | {"model_version": model.version, "group_configs": [
+            {"group": g.number, "members": g.config.members, "threshold": g.config.threshold, "neighbors": g.config.neighbors,
+             "modulus_bits": g.config.modulus_bits, "graph_seed": g.config.graph_seed.hex()} for g in groups]}
+        self.store.begin_round(round_id, settings, [s.client_id for s in cohort], [[s.client_id for s in g.members.values()] for g in groups])
+        log.info("%s: %d clients in %d groups", round_id, len(cohort), len(groups))
+        t0 = time.monotonic()
+        for g in groups:
+            for i, s in g.members.items():
+                s.send(self._round_config_pb(g, i, model.version))
+        await asyncio.gather(*(self._drive(g) for g in groups))
+        await self._finish(round_id, groups, model, time.monotonic() - t0)
+        self.rounds_done += 1
+        return round_id
+
+    async def _drive(self, g: GroupRun) -> None:
+        m = g.machine
+        while m.state is ServerState.RUNNING:
+            phase = m.phase
+            t0 = time.monotonic()
+            deadline = t0 + self.cfg.phase_seconds
+            while m.waiting_for() and (left := deadline - time.monotonic()) > 0:
+                g.changed.clear()
+                try:
+                    await asyncio.wait_for(g.changed.wait(), left)
+                except TimeoutError:
+                    break
+            for late in sorted(m.waiting_for()):
+                self.reject(g.members[late], DropReason.TIMEOUT, f"no {phase.label} message within the {self.cfg.phase_seconds:g} s deadline")
+            try:
+                out = m.close_phase()
+            except AbortError as exc:
+                g.error = str(exc)
+                log.warning("%s group %d aborted: %s", g.round_id, g.number, exc)
+            finally:
+                g.timings[phase.label] = time.monotonic() - t0
+                g.survivors[phase.label] = [g.client(i) for i in sorted(m.received[phase])]
+            if g.error:
+                return
+            for i, msg in out.items():
+                g.members[i].send(convert.server_message_to_pb(msg))
+
+    async def _finish(self, round_id: str, groups: list[GroupRun], model: Any, seconds: float) -> None:
+        cfg = self.cfg
+        done = {g.number: g for g in groups if g.machine.result is not None}
+        sums = {n: (g.machine.result.total, len(g.machine.result.survivors)) for n, g in done.items()}  # type: ignore[union-attr]
+        decision = combine_groups(sums, cfg.encoding, rule=cfg.rule, f=cfg.byzantine_groups, rule_params=cfg.rule_params) if sums else None
+        version, outcome, error = model.version, "aborted", "every group aborted: " + "; ".join(g.error for g in groups)
+        if decision is not None:
+            if decision.update is not None:
+                new = model.params + cfg.server_lr * decision.update
+                reason = f"round {round_id}: {cfg.rule} over groups {list(decision.selected_groups)}"
+                version = await asyncio.to_thread(self.store.append_model, new, round_id=round_id, reason=reason)
+                outcome, error = "completed", ""
+            else:
+                outcome, error = "failed", decision.failure
+        dropouts = [
+            {"client": g.client(i), "group": g.number, "phase": p.label, "reason": r.value, "detail": d}
+            for g in groups for i, (p, r, d) in sorted(g.machine.dropouts.items())
+        ]
+        survivors: dict[str, dict[str, list[str]]] = {}
+        for g in groups:
+            for phase, ids in g.survivors.items():
+                survivors.setdefault(phase, {})[str(g.number)] = ids
+        accepted = {v.group for v in decision.verdicts if v.accepted} if decision else set()
+        fields = {
+            "survivors": survivors,
+            "dropouts": dropouts,
+            "checks": [v.as_record() for v in decision.verdicts] if decision else [],
+            "rule": decision.as_record() if decision else {},
+            "aggregate_digest": sums_digest({n: s for n, (s, _) in sums.items()}) if sums else None,
+            "timings": {"total": seconds, "groups": {str(g.number): g.timings for g in groups},
+                        "group_errors": {str(g.number): g.error for g in groups if g.error}},
+            "model_version": version,
+        }
+        self.store.finish_round(round_id, outcome, error=error or None, **fields)
+        self.last_outcome = outcome
+        log.info("%s %s (model v%d)%s", round_id, outcome, version, f": {error}" if error else "")
+        for g in groups:
+            digest = fields["aggregate_digest"] or ""
+            for s in g.members.values():
+                s.send(pb.ServerMessage(result=pb.RoundResult(round_id=round_id, outcome=outcome, reason=error, model_version=version,
+                                                              group_accepted=g.number in accepted, aggregate_digest=digest)))
+                s.finish()
+
+    async def run(self, rounds: int = 0) -> None:
+        """Run rounds until ``rounds`` have finished (0: forever)."""
+        while not rounds or self.rounds_done < rounds:
+            try:
+                await self.run_round()
+            except Exception:
+                log.exception("round failed")
+                raise

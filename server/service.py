@@ -1,0 +1,195 @@
+"""The gRPC service: authenticates streams and moves messages; the coordinator does the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from secagg.protocol.errors import RemoteProtocolError
+from secagg.protocol.signatures import verify
+from secagg.v1 import secagg_pb2 as pb
+from secagg.v1 import secagg_pb2_grpc as pb_grpc
+from secagg.wire.identity import CLIENT_ID, NONCE_BYTES, hello_message
+
+from .config import ConfigError, ServerConfig
+from .rounds import AlreadyConnected, Coordinator
+from .session import Abort, Session
+from .store import Store
+
+log = logging.getLogger("secagg.server")
+
+MAX_MESSAGE_BYTES = 8 << 20
+MODEL_CHUNK_VALUES = 1 << 17   # 1 MiB of float64 per chunk
+SERVER_VERSION = "secagg/0.1"
+
+
+class SecAggServicer(pb_grpc.SecAggServicer):
+    def __init__(self, coordinator: Coordinator, store: Store) -> None:
+        self.coordinator = coordinator
+        self.store = store
+
+    async def Participate(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        cfg = self.coordinator.cfg
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        await context.write(pb.ServerMessage(challenge=pb.Challenge(nonce=nonce, server_version=SERVER_VERSION)))
+        try:
+            first = await asyncio.wait_for(context.read(), cfg.phase_seconds)
+        except TimeoutError:
+            await self._refuse(context, None, grpc.StatusCode.DEADLINE_EXCEEDED, f"no hello within {cfg.phase_seconds:g} s")
+        if first is grpc.aio.EOF:
+            return
+        if first.WhichOneof("body") != "hello":
+            await self._refuse(context, None, grpc.StatusCode.FAILED_PRECONDITION, "the first message on a stream must be hello")
+        hello = first.hello
+        if not CLIENT_ID.match(hello.client_id):
+            await self._refuse(context, None, grpc.StatusCode.INVALID_ARGUMENT, "client_id must match [A-Za-z0-9._-]{1,64}")
+        identity = self.store.identity(hello.client_id)
+        if identity is None:
+            await self._refuse(context, hello.client_id, grpc.StatusCode.UNAUTHENTICATED,
+                               f"client {hello.client_id!r} is not registered; an operator registers it with "
+                               "`secagg register --db DB --client-id ID --key KEY`")
+        try:
+            verify(identity, hello.signature, hello_message(nonce, hello.client_id))
+        except RemoteProtocolError:
+            await self._refuse(context, hello.client_id, grpc.StatusCode.UNAUTHENTICATED,
+                               f"hello signature does not verify with {hello.client_id!r}'s registered identity key")
+        session = Session(hello.client_id, identity)
+        try:
+            self.coordinator.connect(session)
+        except AlreadyConnected:
+            await self._refuse(context, hello.client_id, grpc.StatusCode.ALREADY_EXISTS,
+                               f"client {hello.client_id!r} already has an open stream; one stream per client")
+        reader = asyncio.create_task(self._read(session, context))
+        detail = "stream closed"
+        try:
+            while True:
+                item = await session.outbox.get()
+                if item is None:
+                    return
+                if isinstance(item, Abort):
+                    detail = item.reason
+                    await context.abort(item.code, item.reason)
+                await context.write(item)
+        except asyncio.CancelledError:
+            detail = "stream cancelled by the client"
+            raise
+        finally:
+            reader.cancel()
+            self.coordinator.disconnect(session, detail)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, client_id: str | None, code: grpc.StatusCode, reason: str) -> None:
+        self.coordinator._event(None, client_id, "rejected", code.name, reason)
+        await context.abort(code, reason)
+
+    async def _read(self, session: Session, context: grpc.aio.ServicerContext) -> None:
+        detail = "stream closed by the client"
+        try:
+            while not session.closed:
+                msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    break
+                await self.coordinator.handle(session, msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a broken stream (reset, oversized message) is a dropout
+            detail = f"stream broken: {type(exc).__name__}"
+        self.coordinator.disconnect(session, detail)
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        from .store import StoreError
+
+        try:
+            mv = await asyncio.to_thread(self.store.model, request.version or None)
+        except StoreError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        values = np.ascontiguousarray(mv.params, dtype="<f8").ravel()
+        for start in range(0, max(values.size, 1), MODEL_CHUNK_VALUES):
+            part = values[start : start + MODEL_CHUNK_VALUES]
+            yield pb.ModelChunk(version=mv.version, dim=values.size, offset=start, values=part.tobytes(),
+                                digest=mv.digest if start == 0 else "")
+
+    async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:  # noqa: N802
+        c = self.coordinator
+        return pb.StatusReply(model_version=self.store.latest_version() or 0, waiting_clients=len(c.lobby),
+                              round_id=c.round_id, dim=c.cfg.dim)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    coordinator: Coordinator
+    store: Store
+    task: asyncio.Task
+
+    async def stop(self, grace: float = 1.0) -> None:
+        self.task.cancel()
+        await self.server.stop(grace)
+        self.store.close()
+
+
+def ensure_model(store: Store, cfg: ServerConfig) -> None:
+    """The first version is the initial model (zeros or --init-model); later ones must match dim."""
+    latest = store.latest_version()
+    if latest is None:
+        init = np.zeros(cfg.dim) if not cfg.init_model else np.load(cfg.init_model, allow_pickle=False).astype(np.float64).ravel()
+        if init.size != cfg.dim:
+            raise ConfigError(f"initial model has {init.size} values but dim is {cfg.dim}")
+        store.append_model(init, round_id=None, reason="initial model")
+        return
+    size = store.model(latest).params.size
+    if size != cfg.dim:
+        raise ConfigError(f"the database's model has {size} values but dim is {cfg.dim}; use the matching --dim or another --db")
+
+
+def credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
+    def read(path: str, what: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+    pair = [(read(cfg.tls_key, "TLS key"), read(cfg.tls_cert, "TLS certificate"))]
+    if cfg.client_ca:
+        return grpc.ssl_server_credentials(pair, root_certificates=read(cfg.client_ca, "client CA"), require_client_auth=True)
+    return grpc.ssl_server_credentials(pair)
+
+
+async def start(cfg: ServerConfig, *, on_round: Callable[[str], None] | None = None) -> RunningServer:
+    """Start the service (TLS always) and the round loop; returns once it listens."""
+    cfg.validate()
+    store = Store(cfg.db)
+    try:
+        ensure_model(store, cfg)
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ])
+        coordinator = Coordinator(cfg, store)
+        pb_grpc.add_SecAggServicer_to_server(SecAggServicer(coordinator, store), server)
+        port = server.add_secure_port(cfg.address, credentials(cfg))
+        if not port:
+            raise ConfigError(f"cannot listen on {cfg.address}")
+        await server.start()
+    except BaseException:
+        store.close()
+        raise
+
+    async def loop() -> None:
+        while not cfg.rounds or coordinator.rounds_done < cfg.rounds:
+            rid = await coordinator.run_round()
+            if on_round:
+                on_round(rid)
+
+    task = asyncio.create_task(loop())
+    return RunningServer(server, port, coordinator, store, task)
