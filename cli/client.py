@@ -1,0 +1,51 @@
+"""``secagg client``: take part in one round from the command line with a .npy update."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .main import UsageError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("client", help="take part in one round with an update vector",
+                       description="Connect to a secagg server, take part in the next round with the update "
+                                   "from --update (a .npy file) and print the outcome.")
+    p.add_argument("--server", required=True, help="host:port")
+    p.add_argument("--ca", required=True, help="CA certificate (PEM) that signed the server's certificate")
+    p.add_argument("--client-id", required=True)
+    p.add_argument("--key", required=True, help="identity key file (from `secagg certs --client NAME`)")
+    p.add_argument("--update", type=Path, help=".npy vector to submit (default: zeros of the round's length)")
+    p.add_argument("--cert", help="client certificate for mutual TLS")
+    p.add_argument("--cert-key", help="client certificate key for mutual TLS")
+    p.add_argument("--server-name", help="TLS name to expect (default: the host in --server)")
+    p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for a round")
+    p.add_argument("--save-model", type=Path, help="write the new model to this .npy file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from secagg.client import Client, ClientError
+    from secagg.wire.identity import PKIError
+
+    try:
+        client = Client(args.server, ca_cert=args.ca, identity_key=args.key, client_id=args.client_id,
+                        client_cert=args.cert, client_key=args.cert_key, server_name=args.server_name, wait_seconds=args.wait)
+        if args.update:
+            try:
+                update = np.load(args.update, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"cannot load --update {args.update}: {exc}") from None
+        else:
+            update = np.zeros(client.status().dim)
+        out = client.participate(update, fetch_model=args.save_model is not None)
+    except (ClientError, PKIError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"{out.round_id}: {out.outcome}{' (' + out.reason + ')' if out.reason else ''}; model v{out.model_version}; "
+          f"group {'accepted' if out.group_accepted else 'rejected'}; aggregate {out.aggregate_digest[:16]}")
+    if args.save_model is not None and out.model is not None:
+        np.save(args.save_model, out.model)
+    return 0 if out.ok else 1

@@ -1,0 +1,86 @@
+"""``secagg serve``: run the aggregation server from flags and/or a TOML file."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+
+from .main import UsageError
+
+_FLAGS = {  # flag -> (type, help)
+    "address": (str, "host:port to listen on (default 127.0.0.1:50051)"),
+    "db": (str, "SQLite database file (created if missing)"),
+    "tls_cert": (str, "PEM server certificate"),
+    "tls_key": (str, "PEM server private key"),
+    "client_ca": (str, "require client certificates signed by this CA (mutual TLS)"),
+    "dim": (int, "model / update length"),
+    "init_model": (str, ".npy file with the initial model"),
+    "server_lr": (float, "model += server_lr * aggregate"),
+    "rounds": (int, "stop after this many rounds (0: run forever)"),
+    "min_clients": (int, "clients needed to start a round"),
+    "max_clients": (int, "clients taken into one round"),
+    "lobby_seconds": (float, "extra wait for more clients once min_clients wait"),
+    "groups": (int, "secure-aggregation groups per round"),
+    "mode": (str, "semi-honest or active"),
+    "neighbors": (int, "SecAgg+ neighbour count (even; 0 = complete graph)"),
+    "threshold": (float, "0 = safe minimum; <1 fraction of share holders; >=1 absolute"),
+    "phase_seconds": (float, "per-phase deadline"),
+    "chunk_words": (int, "words per masked-input chunk"),
+    "max_inflight": (int, "masked-input streams assembled at once per group"),
+    "clip_norm": (float, "L2 bound B on each client's update"),
+    "clip_value": (float, "per-coordinate bound c (0: none beyond B)"),
+    "precision_bits": (int, "fixed-point precision"),
+    "rule": (str, "robust rule over group means"),
+    "byzantine_groups": (int, "f: bad groups the rule tolerates"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the secure-aggregation server",
+                       description="Run the gRPC server. Settings come from --config (TOML) and these flags (flags win).")
+    p.add_argument("--config", help="TOML file with the settings (flat, or under [server])")
+    for name, (typ, help_) in _FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from secagg.server.config import ConfigError, load
+    from secagg.server.service import start
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = load(args.config, {k: getattr(args, k) for k in _FLAGS})
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+    async def main() -> None:
+        try:
+            srv = await start(cfg, on_round=lambda rid: print(f"{rid}: {srv.coordinator.last_outcome}", flush=True))
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+        host = cfg.address.rsplit(":", 1)[0]
+        print(f"secagg server listening on {host}:{srv.port} (TLS{', mutual' if cfg.client_ca else ''}), db {cfg.db}, "
+              f"dim {cfg.dim}, {cfg.groups} group(s), {cfg.mode}", flush=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, srv.task.cancel)
+        try:
+            await srv.task
+        except asyncio.CancelledError:
+            pass
+        finally:
+            await srv.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+def settings_help() -> str:
+    from secagg.server.config import ServerConfig
+
+    return "\n".join(f"{f.name} = {f.default!r}" for f in dataclasses.fields(ServerConfig) if not callable(f.default))
