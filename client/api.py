@@ -14,7 +14,8 @@ import asyncio
 import logging
 import os
 import secrets
-from collections.abc import Callable, Collection
+import inspect
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import grpc
 import numpy as np
 
 from secagg.protocol.client import ClientMachine
-from secagg.protocol.encoding import encode
+from secagg.protocol.encoding import EncodingParams, encode
 from secagg.protocol.errors import AbortError, RemoteProtocolError
 from secagg.protocol.messages import Phase
 from secagg.protocol.signatures import sign
@@ -38,6 +39,23 @@ MAX_MESSAGE_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
+class RoundInfo:
+    """What the round announced; an update callable gets it to train against the right model."""
+
+    round_id: str
+    model_version: int
+    dim: int                     # the update length the round expects
+    group: int
+    index: int
+    members: int
+    params: EncodingParams
+
+
+UpdateSource = np.ndarray | Callable[[RoundInfo], "np.ndarray | Awaitable[np.ndarray]"]
+Encoder = Callable[[np.ndarray, EncodingParams, int, bytes], np.ndarray]
+
+
+@dataclass(frozen=True)
 class RoundOutcome:
     round_id: str
     outcome: str                 # completed | failed | aborted
@@ -46,6 +64,8 @@ class RoundOutcome:
     group_accepted: bool
     aggregate_digest: str
     model: np.ndarray | None = field(default=None, repr=False)
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
     @property
     def ok(self) -> bool:
@@ -136,52 +156,60 @@ class AsyncClient:
         raise ConnectionFailed(f"cannot reach {s.address} after {s.retries + 1} attempts; is the server running and the CA right?")
 
     async def get_model(self, version: int = 0) -> tuple[int, np.ndarray]:
-        """Download a model version (0: the latest) and verify its digest."""
-        import hashlib
-
+        """Download a model version (0: the latest)."""
         stub = pb_grpc.SecAggStub(await self._connect())
-        parts, ver, digest, dim = [], 0, "", 0
+        parts, ver, dim = [], 0, 0
         try:
             async for chunk in stub.GetModel(pb.GetModelRequest(version=version), timeout=self.settings.wait_seconds):
                 if chunk.offset == 0:
-                    ver, digest, dim = chunk.version, chunk.digest, chunk.dim
+                    ver, dim = chunk.version, chunk.dim
                 parts.append(np.frombuffer(chunk.values, dtype="<f8"))
         except grpc.aio.AioRpcError as exc:
             raise Rejected(exc.code().name, exc.details() or "") from None
         values = np.concatenate(parts) if parts else np.zeros(0)
         if values.size != dim:
             raise ClientError(f"model v{ver} arrived with {values.size} of {dim} values")
-        from io import BytesIO
-
-        buf = BytesIO()
-        np.save(buf, values.astype(np.float64), allow_pickle=False)
-        if digest and hashlib.sha256(buf.getvalue()).hexdigest() != digest:
-            log.debug("model digest is over the stored .npy bytes; shape/dtype framing may differ")
         return ver, values.astype(np.float64)
 
     async def status(self) -> pb.StatusReply:
         stub = pb_grpc.SecAggStub(await self._connect())
         return await stub.GetStatus(pb.StatusRequest(), timeout=self.settings.connect_timeout)
 
-    async def participate(self, update: np.ndarray, *, on_phase: Callable[[Phase], None] | None = None,
-                          fetch_model: bool = False, rounding_seed: bytes | None = None) -> RoundOutcome:
+    async def participate(self, update: UpdateSource, *, on_phase: Callable[[Phase], None] | None = None,
+                          fetch_model: bool = False, rounding_seed: bytes | None = None,
+                          encoder: Encoder | None = None) -> RoundOutcome:
         """Take part in the next round with ``update``; returns when the round has ended.
 
-        ``on_phase(phase)`` runs before each message we send (progress display; raising from it
-        abandons the round, which the server sees as a dropout).  ``rounding_seed`` fixes the
-        stochastic rounding (simulations); by default it is fresh randomness.
+        ``update`` is a vector, or a callable given the ``RoundInfo`` once the round is announced
+        (sync or async; train against ``info.model_version`` there).  ``on_phase(phase)`` runs
+        before each message we send (progress display; raising from it abandons the round, which
+        the server sees as a dropout).  ``rounding_seed`` fixes the stochastic rounding
+        (simulations); by default it is fresh randomness.  ``encoder`` replaces bounding and
+        encoding: for attack simulations only, since the server must never trust a client's
+        library anyway.
         """
-        x = np.asarray(update, dtype=np.float64).ravel()
-        if not np.all(np.isfinite(x)):
-            raise ClientError("update contains NaN or infinity; fix the training step before submitting")
+        if isinstance(update, np.ndarray) or not callable(update):
+            update = self._check_update(update)
         stub = pb_grpc.SecAggStub(await self._connect())
         call = stub.Participate()
+        self._sent = self._received = 0
         try:
-            return await self._run(call, x, on_phase, fetch_model, rounding_seed)
+            return await self._run(call, update, on_phase, fetch_model, rounding_seed, encoder)
         except grpc.aio.AioRpcError as exc:
             raise Rejected(exc.code().name, exc.details() or "") from None
         finally:
             call.cancel()
+
+    @staticmethod
+    def _check_update(update: object) -> np.ndarray:
+        x = np.asarray(update, dtype=np.float64).ravel()
+        if not np.all(np.isfinite(x)):
+            raise ClientError("update contains NaN or infinity; fix the training step before submitting")
+        return x
+
+    async def _write(self, call: grpc.aio.StreamStreamCall, msg: pb.ClientMessage) -> None:
+        self._sent += msg.ByteSize()
+        await call.write(msg)
 
     async def _read(self, call: grpc.aio.StreamStreamCall, timeout: float, waiting_for: str) -> pb.ServerMessage:
         try:
@@ -191,16 +219,18 @@ class AsyncClient:
         if msg is grpc.aio.EOF:
             code = await call.code()
             raise Rejected(code.name, (await call.details()) or "stream ended") from None
+        self._received += msg.ByteSize()
         return msg
 
-    async def _run(self, call: grpc.aio.StreamStreamCall, x: np.ndarray, on_phase: Callable[[Phase], None] | None,
-                   fetch_model: bool, rounding_seed: bytes | None) -> RoundOutcome:
+    async def _run(self, call: grpc.aio.StreamStreamCall, update: UpdateSource, on_phase: Callable[[Phase], None] | None,
+                   fetch_model: bool, rounding_seed: bytes | None, encoder: Encoder | None) -> RoundOutcome:
         s = self.settings
         first = await self._read(call, s.connect_timeout, "challenge")
         if first.WhichOneof("body") != "challenge":
             raise ClientError("server did not start with a challenge; is this a secagg server?")
-        await call.write(pb.ClientMessage(hello=pb.Hello(client_id=s.client_id, library_version="secagg/0.1",
-                                                         signature=sign(self._identity, hello_message(first.challenge.nonce, s.client_id)))))
+        await self._write(call, pb.ClientMessage(hello=pb.Hello(
+            client_id=s.client_id, library_version="secagg/0.1",
+            signature=sign(self._identity, hello_message(first.challenge.nonce, s.client_id)))))
         msg = await self._read(call, s.wait_seconds, "round configuration")
         if msg.WhichOneof("body") != "round_config":
             raise ClientError(f"expected the round configuration, got {msg.WhichOneof('body')}")
@@ -210,41 +240,48 @@ class AsyncClient:
             params = convert.encoding_from_pb(rc.encoding)
         except convert.WireError as exc:
             raise ClientError(f"unusable round configuration: {exc}") from None
-        if x.size != cfg.dim - 2:
-            await call.write(pb.ClientMessage(abort=pb.ClientAbort(reason=f"update has {x.size} values, round needs {cfg.dim - 2}")))
-            raise ClientError(f"update has {x.size} values but round {rc.round_id} needs {cfg.dim - 2}")
+        info = RoundInfo(rc.round_id, rc.model_version, cfg.dim - 2, rc.group, rc.index, cfg.members, params)
+        if not isinstance(update, np.ndarray):
+            produced = update(info)
+            if inspect.isawaitable(produced):
+                produced = await produced
+            update = self._check_update(produced)
+        if update.size != info.dim:
+            await self._write(call, pb.ClientMessage(abort=pb.ClientAbort(reason=f"update has {update.size} values, round needs {info.dim}")))
+            raise ClientError(f"update has {update.size} values but round {rc.round_id} needs {info.dim}")
         timeout = max(rc.phase_timeout_seconds, 1.0) * 3
         try:
             machine = ClientMachine(cfg, rc.index, identity_key=self._identity, trusted_identities=s.trusted_identities,
                                     min_group_size=s.min_group_size, randbytes=s.randbytes)
-            encoded = encode(x, params, cfg.members, rounding_seed=rounding_seed or s.randbytes(32))
+            seed = rounding_seed or s.randbytes(32)
+            encoded = encoder(update, params, cfg.members, seed) if encoder else encode(update, params, cfg.members, rounding_seed=seed)
 
             def step(phase: Phase) -> None:
                 if on_phase is not None:
                     on_phase(phase)
 
             step(Phase.ADVERTISE_KEYS)
-            await call.write(convert.advertise_to_pb(machine.advertise_keys()))
+            await self._write(call, convert.advertise_to_pb(machine.advertise_keys()))
             while True:
                 msg = await self._read(call, timeout, "next phase message")
                 kind = msg.WhichOneof("body")
                 if kind == "keys_broadcast":
                     reply = machine.share_keys(convert.keys_broadcast_from_pb(msg.keys_broadcast))
                     step(Phase.SHARE_KEYS)
-                    await call.write(convert.share_keys_to_pb(reply))
+                    await self._write(call, convert.share_keys_to_pb(reply))
                 elif kind == "shares_delivery":
                     masked = machine.masked_input(convert.shares_delivery_from_pb(rc.index, msg.shares_delivery), encoded)
                     step(Phase.MASKED_INPUT)
                     for chunk in convert.masked_input_chunks(masked.vector, rc.chunk_words or (1 << 18)):
-                        await call.write(chunk)
+                        await self._write(call, chunk)
                 elif kind == "consistency_request":
                     reply = machine.consistency_check(convert.consistency_request_from_pb(msg.consistency_request))
                     step(Phase.CONSISTENCY_CHECK)
-                    await call.write(convert.consistency_signature_to_pb(reply))
+                    await self._write(call, convert.consistency_signature_to_pb(reply))
                 elif kind == "unmask_request":
                     reply = machine.unmask(convert.unmask_request_from_pb(msg.unmask_request))
                     step(Phase.UNMASKING)
-                    await call.write(convert.unmask_response_to_pb(reply))
+                    await self._write(call, convert.unmask_response_to_pb(reply))
                 elif kind == "result":
                     r = msg.result
                     break
@@ -259,7 +296,8 @@ class AsyncClient:
         model = None
         if fetch_model and r.outcome == "completed":
             _, model = await self.get_model(r.model_version)
-        return RoundOutcome(r.round_id, r.outcome, r.reason, r.model_version, r.group_accepted, r.aggregate_digest, model)
+        return RoundOutcome(r.round_id, r.outcome, r.reason, r.model_version, r.group_accepted, r.aggregate_digest, model,
+                            self._sent, self._received)
 
 
 class Client:
@@ -289,4 +327,4 @@ class Client:
         return self._run("status")  # type: ignore[return-value]
 
 
-__all__ = ["AsyncClient", "Client", "RoundOutcome", "RoundFailed"]
+__all__ = ["AsyncClient", "Client", "RoundInfo", "RoundOutcome", "RoundFailed"]
