@@ -20,6 +20,7 @@ _FLAGS = {  # flag -> (type, help)
     "init_model": (str, ".npy file with the initial model"),
     "server_lr": (float, "model += server_lr * aggregate"),
     "rounds": (int, "stop after this many rounds (0: run forever)"),
+    "linger_seconds": (float, "after the last round, keep serving model downloads this long"),
     "min_clients": (int, "clients needed to start a round"),
     "max_clients": (int, "clients taken into one round"),
     "lobby_seconds": (float, "extra wait for more clients once min_clients wait"),

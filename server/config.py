@@ -35,6 +35,7 @@ class ServerConfig:
     server_lr: float = 1.0             # model += server_lr * aggregate
     # rounds
     rounds: int = 0                    # rounds to run before stopping; 0 = forever
+    linger_seconds: float = 3.0        # after the last round, keep serving model downloads this long
     min_clients: int = 3               # a round starts once this many clients wait...
     max_clients: int = 1000            # ...and takes at most this many
     lobby_seconds: float = 2.0         # how long to wait for more clients after min_clients

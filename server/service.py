@@ -190,6 +190,7 @@ async def start(cfg: ServerConfig, *, on_round: Callable[[str], None] | None = N
             rid = await coordinator.run_round()
             if on_round:
                 on_round(rid)
+        await asyncio.sleep(cfg.linger_seconds)  # let clients fetch the last model before we stop
 
     task = asyncio.create_task(loop())
     return RunningServer(server, port, coordinator, store, task)

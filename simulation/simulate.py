@@ -246,7 +246,7 @@ def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], 
         init_model = str(work / "init.npy")
         np.save(init_model, fed.initial_params())
     server_cfg = dict(address="127.0.0.1:0", db=str(db), tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), dim=dim,
-                      init_model=init_model, rounds=cfg.rounds, min_clients=cfg.clients, max_clients=cfg.clients, lobby_seconds=0.0,
+                      init_model=init_model, rounds=cfg.rounds, linger_seconds=0.0, min_clients=cfg.clients, max_clients=cfg.clients, lobby_seconds=0.0,
                       groups=cfg.groups, mode=cfg.mode, neighbors=cfg.neighbors, threshold=cfg.threshold,
                       phase_seconds=cfg.phase_seconds, chunk_words=cfg.chunk_words, clip_norm=cfg.clip_norm,
                       clip_value=cfg.clip_value, precision_bits=cfg.precision_bits, rule=cfg.rule,
