@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .client import ClientMachine
-from .errors import AbortError, DropReason
+from .errors import AbortError, DropReason, RemoteProtocolError
 from .messages import AggregateResult, GroupConfig, Mode, Phase, wire_size
 from .server import ServerMachine
 
@@ -42,6 +42,7 @@ class GroupRun:
     stats: dict[Phase, PhaseStats]
     aborted: str = ""                       # why the group aborted, empty if it completed
     client_aborts: dict[int, str] = field(default_factory=dict)
+    rejections: dict[int, str] = field(default_factory=dict)   # messages the server refused
     survivors: dict[Phase, frozenset[int]] = field(default_factory=dict)
 
 
@@ -85,7 +86,7 @@ def run_group(
             t0 = time.perf_counter()
             try:
                 reply = act(clients[i], inbox[i])
-            except AbortError as exc:
+            except (AbortError, RemoteProtocolError) as exc:  # the client refused to go on
                 run.client_aborts[i] = str(exc)
                 server.drop(i, DropReason.ABORTED, str(exc))
                 continue
@@ -93,7 +94,10 @@ def run_group(
                 st.client_seconds.append(time.perf_counter() - t0)
             st.bytes_up += wire_size(reply)
             t0 = time.perf_counter()
-            server.receive(reply)  # type: ignore[arg-type]
+            try:
+                server.receive(reply)  # type: ignore[arg-type]
+            except RemoteProtocolError as exc:  # the server rejected (and dropped) this client
+                run.rejections[i] = str(exc)
             st.server_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         out = server.close_phase()

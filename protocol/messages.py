@@ -43,6 +43,16 @@ class GroupConfig:
     neighbors: int | None = None   # None: complete graph; else SecAgg+ k-regular graph
     graph_seed: bytes = b"\x00" * 32
 
+    def __post_init__(self) -> None:
+        if len(self.session) < 16 or len(self.graph_seed) != 32:
+            raise ValueError("session must be at least 16 bytes and graph_seed 32 bytes")
+        if self.members < 2 or self.dim < 1 or self.threshold < 1:  # safe ranges: ClientMachine
+            raise ValueError(f"inconsistent group: members={self.members}, threshold={self.threshold}, dim={self.dim}")
+        if self.modulus_bits not in (32, 64):
+            raise ValueError(f"modulus_bits must be 32 or 64, got {self.modulus_bits}")
+        if self.neighbors is not None and (self.neighbors < 2 or self.neighbors % 2):
+            raise ValueError(f"neighbors must be None or an even number >= 2, got {self.neighbors}")
+
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(np.uint32 if self.modulus_bits == 32 else np.uint64)

@@ -17,7 +17,7 @@ import numpy as np
 from . import graph, prg, shamir, signatures
 from .aead import NONCE_BYTES
 from .errors import AbortError, DropReason, LocalProtocolError, RemoteProtocolError
-from .keys import KeyPair, Purpose, pair_keys
+from .keys import KeyPair, Purpose, agree, pair_keys
 from .messages import (
     PHASE_OF,
     AdvertiseKeys,
@@ -38,6 +38,7 @@ from .messages import (
 )
 
 SHARE_CIPHERTEXT_BYTES = NONCE_BYTES + 2 * shamir.SHARE_BYTES + 16
+_PROBE_KEY = bytes([0x40] * 32)  # a fixed scalar: agreement with a small-order point gives zero
 
 
 class ServerState(enum.Enum):
@@ -119,10 +120,10 @@ class ServerMachine:
         """Validate and record one client message; raises RemoteProtocolError if rejected."""
         if self.state is not ServerState.RUNNING:
             raise LocalProtocolError(f"group is {self.state.value}; no more messages")
-        index = msg.index
         phase = PHASE_OF.get(type(msg))
         if phase is None:
             raise LocalProtocolError(f"not a client message: {type(msg).__name__}")
+        index = msg.index
         if not 1 <= index <= self.config.members:
             raise RemoteProtocolError(f"client index {index} is not a member of this group", index=None, reason=DropReason.NOT_A_MEMBER)
         if index not in self.alive:
@@ -132,11 +133,22 @@ class ServerMachine:
         if phase is not self.phase:
             raise self._reject(index, DropReason.OUT_OF_PHASE, f"{phase.label} message from client {index} during {self.phase.label}")
         getattr(self, f"_on_{phase.label}")(msg)
-        self.received[phase][index] = msg
+        # A masked vector lives on only inside the running sum: keep a marker, not the vector.
+        self.received[phase][index] = None if phase is Phase.MASKED_INPUT else msg  # type: ignore[assignment]
 
     def _on_advertise_keys(self, msg: AdvertiseKeys) -> None:
         if len(msg.c_public) != 32 or len(msg.s_public) != 32:
             raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: public keys must be 32 bytes")
+        # A copied or small-order key would make every honest neighbour abort: one client must
+        # not be able to sink the group, so the server refuses it here and the round goes on.
+        seen = {k for m in self.received[Phase.ADVERTISE_KEYS].values() for k in (m.c_public, m.s_public)}  # type: ignore[union-attr]
+        if msg.c_public == msg.s_public or msg.c_public in seen or msg.s_public in seen:
+            raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: public keys must be fresh and distinct")
+        for pk in (msg.c_public, msg.s_public):
+            try:
+                agree(_PROBE_KEY, pk)
+            except ValueError:
+                raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: invalid (small-order) X25519 public key") from None
         if self.config.mode is Mode.ACTIVE:
             if msg.identity != self._identities.get(msg.index):
                 raise self._reject(msg.index, DropReason.BAD_SIGNATURE, f"client {msg.index}: identity key is not the registered one")
@@ -213,7 +225,7 @@ class ServerMachine:
     def _close_masked_input(self) -> dict[int, ServerMessage]:
         self._u3 = frozenset(self.received[Phase.MASKED_INPUT])
         if self.config.mode is Mode.ACTIVE:
-            return {u: ConsistencyRequest(self._u3) for u in sorted(self._u3)}
+            return {u: ConsistencyRequest(self._u3) for u in sorted(self._u3 & self.alive)}
         req = UnmaskRequest(self._u3, self._u2 - self._u3)
         return {u: req for u in sorted(self._u3 & self.alive)}
 
