@@ -261,8 +261,20 @@ class Coordinator:
         for g in groups:
             for i, s in g.members.items():
                 s.send(self._round_config_pb(g, i, model.version))
-        await asyncio.gather(*(self._drive(g) for g in groups))
-        await self._finish(round_id, groups, model, time.monotonic() - t0)
+        try:
+            await asyncio.gather(*(self._drive(g) for g in groups))
+            await self._finish(round_id, groups, model, time.monotonic() - t0)
+        except Exception as exc:  # a bug must not leave a record "running" or clients hanging
+            log.exception("%s failed", round_id)
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            try:
+                self.store.finish_round(round_id, "failed", error=reason)
+            except Exception:
+                log.exception("could not record the failure of %s", round_id)
+            for g in groups:
+                for sess in g.members.values():
+                    sess.abort(grpc.StatusCode.INTERNAL, f"round {round_id} failed on the server; try the next round")
+            self.last_outcome = "failed"
         self.rounds_done += 1
         return round_id
 
