@@ -22,6 +22,7 @@ class DropReason(enum.Enum):
     BAD_SIGNATURE = "bad_signature"      # active mode: signature did not verify
     WRONG_LENGTH = "wrong_length"        # masked vector of the wrong dimension
     NOT_A_MEMBER = "not_a_member"        # index not in this group / not expected this phase
+    OVERSIZED = "oversized"              # a message above the transport's size limit
     ABORTED = "aborted"                  # client itself aborted
 
 

@@ -46,6 +46,7 @@ class ServerConfig:
     phase_seconds: float = 30.0        # per-phase deadline
     chunk_words: int = 1 << 18         # words per masked-input chunk (1 MiB at 32 bits)
     max_inflight: int = 16             # masked-input streams assembled at once per group
+    stall_seconds: float = 0.0         # drop a client silent this long mid-vector; 0 = phase_seconds / 4
     # robustness
     clip_norm: float = 10.0
     clip_value: float = 0.0            # 0 = only the norm bound
@@ -70,6 +71,8 @@ class ServerConfig:
             raise ConfigError("neighbors must be 0 (complete graph) or an even number >= 2")
         if self.phase_seconds <= 0 or self.lobby_seconds < 0:
             raise ConfigError("phase_seconds must be > 0 and lobby_seconds >= 0")
+        if self.max_inflight < 1 or self.stall_seconds < 0:
+            raise ConfigError("max_inflight must be >= 1 and stall_seconds >= 0")
         if not 1 <= self.chunk_words <= 1 << 20:
             raise ConfigError("chunk_words must be in 1..1048576 (chunks stay far below gRPC's 4 MiB limit)")
         if self.rule not in RULES:
@@ -79,6 +82,10 @@ class ServerConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         return self
+
+    @property
+    def stall_limit(self) -> float:
+        return self.stall_seconds or self.phase_seconds / 4
 
     @property
     def mode_enum(self) -> Mode:

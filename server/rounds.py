@@ -37,6 +37,10 @@ from .store import Store
 
 log = logging.getLogger("secagg.server")
 
+# Above this a message is refused with RESOURCE_EXHAUSTED and recorded; gRPC's own limit is set
+# higher (service.py) so such a message reaches us instead of silently ending the stream.
+MAX_CLIENT_MESSAGE_BYTES = 8 << 20
+
 
 class AlreadyConnected(Exception):
     pass
@@ -46,6 +50,7 @@ class AlreadyConnected(Exception):
 class Assembly:
     buffer: np.ndarray
     filled: int = 0
+    stall_timer: asyncio.TimerHandle | None = None
 
 
 @dataclass(eq=False)
@@ -67,7 +72,10 @@ class GroupRun:
         return self.members[index].client_id
 
     def discard_assembly(self, index: int) -> None:
-        if self.assembly.pop(index, None) is not None:
+        a = self.assembly.pop(index, None)
+        if a is not None:
+            if a.stall_timer is not None:
+                a.stall_timer.cancel()
             self.inflight.release()
 
 
@@ -83,6 +91,7 @@ class Coordinator:
         self.round_id = ""
         self.rounds_done = 0
         self.last_outcome = ""
+        self._groups: list[GroupRun] = []
 
     # -- sessions -----------------------------------------------------------------------------
     def connect(self, session: Session) -> None:
@@ -135,6 +144,9 @@ class Coordinator:
             return self.reject(session, DropReason.ABORTED, f"client aborted: {msg.abort.reason[:200]}")
         if not isinstance(group, GroupRun):
             return self.reject(session, DropReason.OUT_OF_PHASE, f"{kind} before any round configuration; wait for RoundConfig")
+        if msg.ByteSize() > MAX_CLIENT_MESSAGE_BYTES:
+            return self.reject(session, DropReason.OVERSIZED,
+                               f"{kind} of {msg.ByteSize()} bytes exceeds the {MAX_CLIENT_MESSAGE_BYTES} byte limit; send smaller chunks")
         i = session.index
         try:
             if kind == "masked_input":
@@ -158,10 +170,10 @@ class Coordinator:
 
     async def _chunk(self, group: GroupRun, i: int, chunk: pb.MaskedInputChunk) -> None:
         m = group.machine
-        if m.state is not ServerState.RUNNING or m.phase is not Phase.MASKED_INPUT:
-            raise RemoteProtocolError(f"masked input chunk during {m.phase.label}", index=i, reason=DropReason.OUT_OF_PHASE)
         if i in m.received[Phase.MASKED_INPUT]:
             raise RemoteProtocolError(f"client {i} already sent its whole masked input", index=i, reason=DropReason.DUPLICATE)
+        if m.state is not ServerState.RUNNING or m.phase is not Phase.MASKED_INPUT:
+            raise RemoteProtocolError(f"masked input chunk during {m.phase.label}", index=i, reason=DropReason.OUT_OF_PHASE)
         a = group.assembly.get(i)
         if a is None:
             if chunk.offset != 0:
@@ -181,11 +193,33 @@ class Coordinator:
             raise RemoteProtocolError(f"masked input longer than {group.config.dim} words", index=i, reason=DropReason.WRONG_LENGTH)
         a.buffer[a.filled : a.filled + words.size] = words
         a.filled += words.size
+        self._arm_stall_timer(group, i, a)
         if chunk.last:
             if a.filled != group.config.dim:
                 raise RemoteProtocolError(f"masked input has {a.filled} words, the round needs {group.config.dim}", index=i, reason=DropReason.WRONG_LENGTH)
             group.discard_assembly(i)
             m.receive(MaskedInput(i, a.buffer))
+
+    def _arm_stall_timer(self, group: GroupRun, i: int, a: Assembly) -> None:
+        """A client that goes quiet mid-vector holds an assembly slot others wait for: drop it early."""
+        if a.stall_timer is not None:
+            a.stall_timer.cancel()
+        limit = self.cfg.stall_limit
+
+        def stalled() -> None:
+            if group.assembly.get(i) is a:
+                self.reject(group.members[i], DropReason.TIMEOUT,
+                            f"masked input stalled at word {a.filled} of {a.buffer.size}: no chunk for {limit:g} s")
+
+        a.stall_timer = asyncio.get_running_loop().call_later(limit, stalled)
+
+    @property
+    def phase(self) -> str:
+        """For GetStatus: 'idle', 'lobby', or the phase of the slowest running group."""
+        running = [g.machine.phase for g in self._groups if g.machine.state is ServerState.RUNNING]
+        if running:
+            return min(running).label
+        return "lobby" if self.lobby else "idle"
 
     # -- rounds -------------------------------------------------------------------------------
     async def wait_for_cohort(self) -> list[Session]:
@@ -252,6 +286,7 @@ class Coordinator:
             for i, s in sessions.items():
                 s.group, s.index = g, i
             groups.append(g)
+        self._groups = groups
         settings = cfg.settings() | {"model_version": model.version, "group_configs": [
             {"group": g.number, "members": g.config.members, "threshold": g.config.threshold, "neighbors": g.config.neighbors,
              "modulus_bits": g.config.modulus_bits, "graph_seed": g.config.graph_seed.hex()} for g in groups]}
@@ -276,6 +311,7 @@ class Coordinator:
                     sess.abort(grpc.StatusCode.INTERNAL, f"round {round_id} failed on the server; try the next round")
             self.last_outcome = "failed"
         self.rounds_done += 1
+        self.round_id, self._groups = "", []
         return round_id
 
     async def _drive(self, g: GroupRun) -> None:
@@ -341,10 +377,12 @@ class Coordinator:
         self.store.finish_round(round_id, outcome, error=error or None, **fields)
         self.last_outcome = outcome
         log.info("%s %s (model v%d)%s", round_id, outcome, version, f": {error}" if error else "")
+        digest = fields["aggregate_digest"] or ""
         for g in groups:
-            digest = fields["aggregate_digest"] or ""
+            # members of an aborted group learn that, and why, whatever the round's outcome
+            g_outcome, g_reason = ("aborted", g.error) if g.error else (outcome, error)
             for s in g.members.values():
-                s.send(pb.ServerMessage(result=pb.RoundResult(round_id=round_id, outcome=outcome, reason=error, model_version=version,
+                s.send(pb.ServerMessage(result=pb.RoundResult(round_id=round_id, outcome=g_outcome, reason=g_reason, model_version=version,
                                                               group_accepted=g.number in accepted, aggregate_digest=digest)))
                 s.finish()
 

@@ -25,7 +25,7 @@ from .store import Store
 
 log = logging.getLogger("secagg.server")
 
-MAX_MESSAGE_BYTES = 8 << 20
+MAX_MESSAGE_BYTES = 64 << 20   # gRPC's hard limit; rounds.py refuses anything above 8 MiB itself
 MODEL_CHUNK_VALUES = 1 << 17   # 1 MiB of float64 per chunk
 SERVER_VERSION = "secagg/0.1"
 
@@ -118,7 +118,7 @@ class SecAggServicer(pb_grpc.SecAggServicer):
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:  # noqa: N802
         c = self.coordinator
         return pb.StatusReply(model_version=self.store.latest_version() or 0, waiting_clients=len(c.lobby),
-                              round_id=c.round_id, dim=c.cfg.dim)
+                              round_id=c.round_id, phase=c.phase, dim=c.cfg.dim)
 
 
 @dataclass

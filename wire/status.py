@@ -16,4 +16,5 @@ STATUS_OF: dict[DropReason, grpc.StatusCode] = {
     DropReason.WRONG_LENGTH: grpc.StatusCode.INVALID_ARGUMENT,
     DropReason.NOT_A_MEMBER: grpc.StatusCode.PERMISSION_DENIED,
     DropReason.ABORTED: grpc.StatusCode.ABORTED,
+    DropReason.OVERSIZED: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
