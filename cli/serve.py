@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import signal
 
@@ -80,8 +79,3 @@ def run(args: argparse.Namespace) -> int:
     asyncio.run(main())
     return 0
 
-
-def settings_help() -> str:
-    from secagg.server.config import ServerConfig
-
-    return "\n".join(f"{f.name} = {f.default!r}" for f in dataclasses.fields(ServerConfig) if not callable(f.default))

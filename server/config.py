@@ -78,7 +78,7 @@ class ServerConfig:
         if self.rule not in RULES:
             raise ConfigError(f"unknown rule {self.rule!r}; choose one of {', '.join(RULES)}")
         try:
-            self.encoding
+            _ = self.encoding   # EncodingParams validates B, c and precision
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         return self

@@ -178,11 +178,11 @@ async def _worker(job: dict[str, Any], out: Any) -> None:
                 drop_at = plan.get(r, {}).get(cid)
                 current: dict[str, str] = {}
 
-                def hook(phase: Phase, _drop: str | None = drop_at) -> None:
+                def hook(phase: Phase, _drop: str | None = drop_at) -> None:  # noqa: B023 (called within this iteration)
                     if phase.label == _drop:
                         raise SimulatedDropout(phase.label)
 
-                async def make_update(info: Any) -> np.ndarray:
+                async def make_update(info: Any, current: dict[str, str] = current) -> np.ndarray:
                     current["round_id"] = info.round_id
                     if fed is None:
                         return synthetic_update(cfg.seed, info.round_id, cid, info.dim, cfg.clip_norm)
@@ -191,7 +191,7 @@ async def _worker(job: dict[str, Any], out: Any) -> None:
                             models[info.model_version] = (await client.get_model(info.model_version))[1]
                     return fed.update(index, models[info.model_version], info.model_version)
 
-                def encoder(u: np.ndarray, p: EncodingParams, members: int, _seed: bytes) -> np.ndarray:
+                def encoder(u: np.ndarray, p: EncodingParams, members: int, _seed: bytes, current: dict[str, str] = current) -> np.ndarray:
                     seed = rounding_seed(cfg.seed, current["round_id"], cid)
                     return encode_input(fed, index, u, p, members, seed)
 
@@ -276,7 +276,7 @@ def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], 
                 ev = events.get(timeout=1.0)
             except queue.Empty:
                 if not server.is_alive():
-                    raise SimulationError("the server process died; rerun with --workdir DIR and look at DIR/secagg.db")
+                    raise SimulationError("the server process died; rerun with --workdir DIR and look at DIR/secagg.db") from None
                 continue
             kind = ev[0]
             if kind == "client":
