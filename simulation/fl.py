@@ -1,0 +1,381 @@
+"""Federated learning over secure aggregation, in memory: the population and the round loop.
+
+``Federation`` is the population: the data split, which clients are Byzantine and what each
+client computes and encodes in a round.  The gRPC simulator imports it to produce clients'
+inputs; ``run_in_memory`` runs the same clients through real secure aggregation
+(``protocol.driver.run_group``, one instance per group), then the server's decision
+(``protocol.aggregation.combine_groups``: checks on every revealed group sum, robust rule over the
+accepted group means), and trains the model.
+
+Reproducibility: everything that affects the numbers (split, Byzantine choice, SGD order,
+poisoning, grouping, dropouts, stochastic rounding) is a pure function of ``FLConfig.seed``, the
+round number and the client id.  Key material comes from ``os.urandom``; it cannot change a
+result because masks cancel exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from secagg.protocol import encoding
+from secagg.protocol.aggregation import bounds_of, combine_groups
+from secagg.protocol.bench import make_config
+from secagg.protocol.checks import check_group_sum
+from secagg.protocol.driver import run_group
+from secagg.protocol.encoding import EncodingParams
+from secagg.protocol.messages import Mode, Phase
+from secagg.protocol.robust import RULES
+
+from . import task
+from .attacks import AttackConfig, craft_update, is_data_poisoning, needs_benign
+
+__all__ = ["FLConfig", "Federation", "RoundMetrics", "RunResult", "encode_unbounded", "rule_f_cap", "run_in_memory"]
+
+MLP_HIDDEN = 32
+TAIL_ROUNDS = 5  # RunResult.worst_accuracy looks at this many last rounds
+
+# Purposes of the simulation's random streams (SeedSequence entropy: [seed, purpose, ...]).
+_SPLIT, _BYZANTINE, _INIT, _TRAIN, _POISON, _CRAFT, _GROUPS, _DROPS = range(8)
+
+
+@dataclass(frozen=True)
+class FLConfig:
+    clients: int = 30
+    rounds: int = 15
+    groups: int = 6                     # secure-aggregation groups per round (group size = clients/groups)
+    model: str = "softmax"              # or "mlp"
+    non_iid: float | None = None        # Dirichlet alpha; None = IID
+    local_epochs: int = 1
+    lr: float = 0.5
+    batch_size: int = 32
+    server_lr: float = 1.0
+    attack: AttackConfig = AttackConfig()  # noqa: RUF009 - frozen, so one shared default is safe
+    byzantine: float = 0.0              # fraction of clients that are Byzantine
+    bypass_bounds: bool = False         # attackers skip the client library's bounding and send raw values
+    clip_norm: float = 5.0
+    clip_value: float | None = None
+    precision_bits: int = 16
+    rule: str = "mean"
+    rule_f: int | None = None           # f for the rule; None = groups that contain an attacker, capped
+    rule_params: dict = field(default_factory=dict)
+    dropout: float = 0.0                # fraction of clients that vanish each round (phase chosen at random)
+    mode: str = "semi-honest"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("clients", "rounds", "groups", "local_epochs", "batch_size"):
+            positive_int(name)
+        if self.groups > self.clients:
+            raise ValueError(f"groups ({self.groups}) cannot exceed clients ({self.clients}); every group needs a member")
+        if self.model not in ("softmax", "mlp"):
+            raise ValueError(f"model must be 'softmax' or 'mlp', got {self.model!r}")
+        if self.non_iid is not None and not (math.isfinite(self.non_iid) and self.non_iid > 0):
+            raise ValueError(f"non_iid is a Dirichlet alpha and must be > 0 (or None for IID), got {self.non_iid}")
+        for name in ("lr", "server_lr"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {v}")
+        if not isinstance(self.attack, AttackConfig):
+            raise TypeError(f"attack must be an AttackConfig, got {type(self.attack).__name__}")
+        if not 0.0 <= self.byzantine < 1.0:
+            raise ValueError(f"byzantine is a fraction of clients in [0, 1), got {self.byzantine}")
+        if self.n_byzantine and needs_benign(self.attack.name) and self.clients - self.n_byzantine < 2:
+            raise ValueError(f"attack {self.attack.name!r} observes honest updates and needs at least 2 honest clients")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout is a fraction of clients in [0, 1), got {self.dropout}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        if self.rule_f is not None and (isinstance(self.rule_f, bool) or not isinstance(self.rule_f, int) or self.rule_f < 0):
+            raise ValueError(f"rule_f must be a non-negative integer or None, got {self.rule_f!r}")
+        if self.mode not in (m.value for m in Mode):
+            raise ValueError(f"mode must be 'semi-honest' or 'active', got {self.mode!r}")
+        self.encoding_params()  # validates clip_norm, clip_value, precision_bits
+        self.encoding_params().modulus_bits(self.clients // self.groups + 1)
+
+    @property
+    def n_byzantine(self) -> int:
+        return round(self.byzantine * self.clients)
+
+    def encoding_params(self) -> EncodingParams:
+        return EncodingParams(clip_norm=self.clip_norm, clip_value=self.clip_value, precision_bits=self.precision_bits)
+
+
+def _rng(*entropy: int) -> np.random.Generator:
+    return np.random.default_rng([int(e) for e in entropy])
+
+
+def rounding_seed(seed: int, round_no: int, client: int) -> bytes:
+    """The stochastic-rounding seed of a client's input in a round (simulation, not key material)."""
+    return hashlib.sha256(f"secagg-fl/rounding/{seed}/{round_no}/{client}".encode()).digest()
+
+
+@lru_cache(maxsize=8)
+def _dataset(seed: int) -> task.Dataset:
+    return task.load_digits_task(seed=seed)
+
+
+def encode_unbounded(x: np.ndarray, params: EncodingParams, members: int, *, rounding_seed: bytes) -> np.ndarray:
+    """A cheating client's encoder: quantise ``x`` without any bounding and wrap mod 2^k.
+
+    It claims the squared norm ``min(||x||^2, B^2)`` (lying low, so the group's squared-norm
+    total stays within ``contributors * B^2``); the norm, range and Cauchy-Schwarz checks on the
+    group sum are what must catch it.  The count coordinate is an honest 1.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"update must be a 1-D vector, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("update contains NaN or infinity")
+    dtype = params.dtype(members)
+    bits = params.modulus_bits(members)
+    v = np.empty(x.size + encoding.EXTRA_COORDS, dtype=np.float64)
+    v[: x.size] = x * params.scale
+    v[-2] = 1.0
+    v[-1] = min(float(np.dot(x, x)), params.clip_norm**2) * params.sqnorm_scale
+    np.clip(v, -(2.0**62), 2.0**62, out=v)  # keep int64 rounding defined; wrapping follows
+    q = encoding.stochastic_round(v, rounding_seed)
+    if bits < 64:  # reduce to the signed range of the word: two's complement wrap mod 2^k
+        half = 1 << (bits - 1)
+        q = ((q + half) & ((1 << bits) - 1)) - half
+    return encoding.embed(q, dtype)
+
+
+class Federation:
+    """The population: data split, which clients are Byzantine, how each computes its update."""
+
+    def __init__(self, cfg: FLConfig) -> None:
+        self.cfg = cfg
+        self.data = _dataset(cfg.seed)
+        d = self.data
+        if cfg.clients > d.y_train.size:
+            raise ValueError(f"{cfg.clients} clients but only {d.y_train.size} training samples; use fewer clients")
+        if cfg.model == "softmax":
+            self.model: task.Model = task.SoftmaxModel(d.n_features, d.n_classes)
+        else:
+            self.model = task.MLPModel(d.n_features, MLP_HIDDEN, d.n_classes)
+        self.dim: int = self.model.dim
+        self.parts = task.split_clients(d.y_train, cfg.clients, _rng(cfg.seed, _SPLIT), alpha=cfg.non_iid)
+        picked = _rng(cfg.seed, _BYZANTINE).choice(cfg.clients, size=cfg.n_byzantine, replace=False)
+        self.byzantine_ids: frozenset[int] = frozenset(int(i) for i in picked)
+        self.honest_ids: tuple[int, ...] = tuple(c for c in range(cfg.clients) if c not in self.byzantine_ids)
+        self._cache_key: tuple[int, bytes] | None = None
+        self._cache: dict[int, np.ndarray] = {}
+
+    # -- the model --------------------------------------------------------------------------------
+    def initial_params(self) -> np.ndarray:
+        return self.model.init_params(_rng(self.cfg.seed, _INIT))
+
+    def evaluate(self, params: np.ndarray) -> dict[str, float]:
+        d = self.data
+        out = {"accuracy": self.model.accuracy(params, d.x_test, d.y_test)}
+        if self.cfg.attack.name == "backdoor":
+            out["backdoor_asr"] = task.attack_success_rate(self.model, params, d.x_test, d.y_test,
+                                                           self.cfg.attack.backdoor_target, d.image_shape)
+        return out
+
+    # -- who is where ---------------------------------------------------------------------------
+    def assignment(self, round_no: int) -> list[list[int]]:
+        """The round's groups: a shuffle of the client ids (from seed and round) cut into near-equal parts."""
+        order = _rng(self.cfg.seed, _GROUPS, round_no).permutation(self.cfg.clients)
+        return [sorted(int(c) for c in part) for part in np.array_split(order, self.cfg.groups)]
+
+    def dropouts(self, round_no: int) -> dict[int, Phase]:
+        """Client -> the phase it vanishes before, for round(dropout * clients) clients."""
+        n = round(self.cfg.dropout * self.cfg.clients)
+        if n == 0:
+            return {}
+        rng = _rng(self.cfg.seed, _DROPS, round_no)
+        phases = [p for p in Phase if self.cfg.mode == Mode.ACTIVE.value or p is not Phase.CONSISTENCY_CHECK]
+        who = rng.choice(self.cfg.clients, size=n, replace=False)
+        return {int(c): phases[int(rng.integers(len(phases)))] for c in who}
+
+    # -- what clients compute ----------------------------------------------------------------------
+    def _check_client(self, client: int) -> int:
+        if isinstance(client, bool) or not isinstance(client, (int, np.integer)) or not 0 <= client < self.cfg.clients:
+            raise ValueError(f"client must be an id in 0..{self.cfg.clients - 1}, got {client!r}")
+        return int(client)
+
+    def _train(self, client: int, params: np.ndarray, round_no: int, *, poisoned: bool) -> np.ndarray:
+        cfg, d = self.cfg, self.data
+        idx = self.parts[client]
+        x, y = d.x_train[idx], d.y_train[idx]
+        if poisoned:
+            prng = _rng(cfg.seed, _POISON, round_no, client)
+            if cfg.attack.name == "backdoor":
+                x, y = task.poison_backdoor(x, y, cfg.attack.backdoor_target, cfg.attack.backdoor_fraction, prng, d.image_shape)
+            elif cfg.attack.name == "label_flip":
+                y = task.flip_labels(y, d.n_classes)
+        return task.local_update(self.model, params, x, y, _rng(cfg.seed, _TRAIN, round_no, client),
+                                 epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size)
+
+    def honest_update(self, client: int, params: np.ndarray, round_no: int) -> np.ndarray:
+        """Local SGD on the client's own clean data (cached per round and model)."""
+        client = self._check_client(client)
+        params = np.asarray(params, dtype=np.float64)
+        key = (int(round_no), hashlib.blake2b(params.tobytes(), digest_size=16).digest())
+        if key != self._cache_key:
+            self._cache_key, self._cache = key, {}
+        if client not in self._cache:
+            self._cache[client] = self._train(client, params, round_no, poisoned=False)
+        return self._cache[client]
+
+    def update(self, client: int, params: np.ndarray, round_no: int) -> np.ndarray:
+        """The raw update the client intends to send: its honest delta, or the crafted attack."""
+        client = self._check_client(client)
+        if client not in self.byzantine_ids or self.cfg.attack.name == "none":
+            return self.honest_update(client, params, round_no).copy()
+        cfg = self.cfg
+        if is_data_poisoning(cfg.attack.name):
+            own = self._train(client, np.asarray(params, dtype=np.float64), round_no, poisoned=True)
+        else:
+            own = self.honest_update(client, params, round_no)
+        if needs_benign(cfg.attack.name):  # omniscient: every honest client's update this round
+            benign = np.stack([self.honest_update(c, params, round_no) for c in self.honest_ids])
+        else:
+            benign = np.empty((0, self.dim))
+        return craft_update(cfg.attack, own, benign, _rng(cfg.seed, _CRAFT, round_no, client),
+                            n_total=cfg.clients, n_byzantine=len(self.byzantine_ids))
+
+    def encode(self, client: int, update: np.ndarray, params: EncodingParams, members: int, rounding_seed: bytes) -> np.ndarray:
+        """What the client puts under its mask: the library's bounded encoding, or (a bypassing
+        attacker) the raw values via ``encode_unbounded``."""
+        client = self._check_client(client)
+        if self.cfg.bypass_bounds and client in self.byzantine_ids:
+            return encode_unbounded(update, params, members, rounding_seed=rounding_seed)
+        return encoding.encode(update, params, members, rounding_seed=rounding_seed)
+
+
+@dataclass
+class RoundMetrics:
+    round: int
+    accuracy: float
+    backdoor_asr: float | None
+    accepted_groups: int
+    rejected_groups: int
+    reasons: list[str]          # check failures (each starts with the check's name), "abort: ...", "rule: ..."
+    survivors: int              # clients whose input is in an unmasked group sum
+    seconds: float
+    aborted_groups: int = 0     # groups whose protocol aborted (too few survivors): no sum at all
+    f: int = 0                  # f handed to the rule
+    updated: bool = True        # False when no update was applied (nothing accepted, or the rule could not run)
+
+
+@dataclass
+class RunResult:
+    config: FLConfig
+    rounds: list[RoundMetrics]
+    final_accuracy: float
+    worst_accuracy: float           # min accuracy over the last TAIL_ROUNDS rounds
+    final_backdoor_asr: float | None
+    rejected_total: int
+    aborted_total: int = 0
+    seconds: float = 0.0
+    final_params: np.ndarray | None = None
+
+
+def rule_f_cap(rule: str, accepted: int) -> int:
+    """The largest f the rule can run with over ``accepted`` group means."""
+    if accepted <= 1:
+        return 0
+    if rule == "trimmed_mean":
+        return (accepted - 1) // 2
+    if rule in ("krum", "multi_krum"):
+        return max(accepted - 3, 0)
+    return accepted - 1
+
+
+def _run_group_sum(cfg: FLConfig, fed: Federation, members: list[int], inputs: dict[int, np.ndarray],
+                   drops: Mapping[int, Phase], params: EncodingParams, mode: Mode) -> tuple[np.ndarray | None, list[int], str]:
+    """One group's secure aggregation: (word sum, contributing client ids, abort message)."""
+    if len(members) == 1:  # no secure aggregation for one: the server sees the input itself
+        c = members[0]
+        return (None, [], f"client {c} dropped") if c in drops else (inputs[c], [c], "")
+    gcfg = make_config(len(members), fed.dim, mode, None, params)
+    local = {i + 1: c for i, c in enumerate(members)}
+    by_phase: dict[Phase, set[int]] = {}
+    for i, c in local.items():
+        if c in drops:
+            by_phase.setdefault(drops[c], set()).add(i)
+    ids = {i: os.urandom(32) for i in local} if mode is Mode.ACTIVE else None
+    run = run_group(gcfg, {i: inputs[c] for i, c in local.items() if c in inputs}, drops=by_phase, identity_keys=ids)
+    if run.result is None:
+        return None, [], run.aborted or "aborted"
+    return run.result.total, sorted(local[i] for i in run.result.survivors), ""
+
+
+def run_in_memory(cfg: FLConfig, *, progress: Callable[[int, RoundMetrics], None] | None = None) -> RunResult:
+    """Train for ``cfg.rounds`` rounds; every round is real secure aggregation per group."""
+    t_start = time.perf_counter()
+    fed = Federation(cfg)
+    params_enc = cfg.encoding_params()
+    mode = Mode(cfg.mode)
+    bounds = bounds_of(params_enc)
+    model = fed.initial_params()
+    history: list[RoundMetrics] = []
+    for r in range(cfg.rounds):
+        t0 = time.perf_counter()
+        groups = fed.assignment(r)
+        drops = fed.dropouts(r)
+        inputs: dict[int, np.ndarray] = {}
+        for members in groups:
+            m = len(members)
+            for c in members:
+                if c in drops and drops[c] <= Phase.MASKED_INPUT:
+                    continue  # vanishes before sending its input: nothing to compute
+                inputs[c] = fed.encode(c, fed.update(c, model, r), params_enc, m, rounding_seed(cfg.seed, r, c))
+        sums: dict[int, tuple[np.ndarray, int]] = {}
+        contributors: dict[int, list[int]] = {}
+        reasons: list[str] = []
+        for g, members in enumerate(groups):
+            total, who, aborted = _run_group_sum(cfg, fed, members, inputs, drops, params_enc, mode)
+            if total is None:
+                reasons.append(f"abort group {g}: {aborted}")
+                continue
+            sums[g], contributors[g] = (total, len(who)), who
+        # f: the accepted groups that hold an attacker (the simulator knows who is Byzantine)
+        accepted = []
+        for g, (words, n) in sums.items():
+            dec = encoding.decode(words, params_enc)
+            if check_group_sum(dec.total, dec.count, dec.sqnorm_total, n, bounds).accepted:
+                accepted.append(g)
+        bad = sum(1 for g in accepted if fed.byzantine_ids.intersection(contributors[g]))
+        f = min(bad if cfg.rule_f is None else cfg.rule_f, rule_f_cap(cfg.rule, len(accepted)))
+        decision = combine_groups(sums, params_enc, rule=cfg.rule, f=f, rule_params=cfg.rule_params)
+        for v in decision.verdicts:
+            reasons.extend(v.reasons)
+        if decision.update is not None:
+            model = model + cfg.server_lr * decision.update
+        elif decision.failure:
+            reasons.append(f"rule: {decision.failure}")
+        ev = fed.evaluate(model)
+        rm = RoundMetrics(
+            round=r, accuracy=ev["accuracy"], backdoor_asr=ev.get("backdoor_asr"),
+            accepted_groups=sum(v.accepted for v in decision.verdicts),
+            rejected_groups=sum(not v.accepted for v in decision.verdicts), reasons=reasons,
+            survivors=sum(len(w) for w in contributors.values()), seconds=time.perf_counter() - t0,
+            aborted_groups=len(groups) - len(sums), f=f, updated=decision.update is not None,
+        )
+        history.append(rm)
+        if progress is not None:
+            progress(r, rm)
+    tail = [m.accuracy for m in history[-TAIL_ROUNDS:]]
+    return RunResult(
+        config=cfg, rounds=history, final_accuracy=history[-1].accuracy, worst_accuracy=min(tail),
+        final_backdoor_asr=history[-1].backdoor_asr, rejected_total=sum(m.rejected_groups for m in history),
+        aborted_total=sum(m.aborted_groups for m in history), seconds=time.perf_counter() - t_start,
+        final_params=model,
+    )
+
