@@ -14,13 +14,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Start a server and client worker processes on localhost, run rounds with injected "
                                    "dropouts (and attacks on a learning task), verify every aggregate against the "
                                    "plaintext sum of the survivors' inputs, and print a summary.")
-    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--clients", type=int, default=30)
     p.add_argument("--dim", type=int, default=None, help="update length for synthetic inputs (implies --task synthetic)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds to run (default 3 synthetic, 8 digits)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds to run (default 3 synthetic, 12 digits)")
     p.add_argument("--dropout", type=float, default=0.1, help="fraction of clients that drop each round")
     p.add_argument("--dropout-phase", default="random", help="phase they drop before: advertise_keys, share_keys, "
                    "masked_input, consistency_check, unmasking, or random")
-    p.add_argument("--groups", type=int, default=2)
+    p.add_argument("--groups", type=int, default=3)
     p.add_argument("--neighbors", type=int, default=0, help="SecAgg+ neighbour count (even); 0 = complete graph")
     p.add_argument("--mode", choices=["semi-honest", "active"], default="semi-honest")
     p.add_argument("--threshold", type=float, default=0.0, help="0 = safe minimum; <1 fraction; >=1 absolute")
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--dim applies to --task synthetic; the digits model's size is fixed")
     try:
         cfg = SimConfig(
-            clients=args.clients, dim=args.dim or 1000, rounds=args.rounds or (3 if task == "synthetic" else 8),
+            clients=args.clients, dim=args.dim or 1000, rounds=args.rounds or (3 if task == "synthetic" else 12),
             dropout=args.dropout, dropout_phase=args.dropout_phase, groups=args.groups, neighbors=args.neighbors,
             mode=args.mode, threshold=args.threshold, processes=args.processes, seed=args.seed, phase_seconds=args.phase_seconds,
             clip_norm=args.clip_norm or (10.0 if task == "synthetic" else 5.0), task=None if task == "synthetic" else task,
@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console()
+    import sys
+
+    console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes get the whole table
     console.print(f"[bold]secagg simulate[/]: {cfg.clients} clients in {cfg.groups} group(s), {task} "
                   f"{'(dim ' + str(cfg.dim) + ')' if task == 'synthetic' else ''}, {cfg.rounds} rounds, {cfg.mode}, "
                   f"dropout {cfg.dropout:.0%} before {cfg.dropout_phase}, {cfg.processes} worker processes")
@@ -87,30 +89,31 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary["correct"] else 1
 
 
+_ABBREV = {"advertise_keys": "ak", "share_keys": "sk", "masked_input": "mi", "consistency_check": "cc", "unmasking": "um"}
+
+
 def print_summary(console: object, summary: dict) -> None:
     from rich.table import Table
 
-    phases = ["advertise_keys", "share_keys", "masked_input", "consistency_check", "unmasking"]
+    phases = list(_ABBREV)
     used = [p for p in phases if any(p in r["survivors"] for r in summary["rounds"])]
+    legend = "/".join(_ABBREV[p] for p in used)
     task = summary["config"]["task"]
-    t = Table(title="rounds")
-    t.add_column("round")
-    t.add_column("outcome")
-    t.add_column("correct")
-    t.add_column("survivors per phase")
-    t.add_column("seconds per phase")
-    t.add_column("KiB up/client", justify="right")
-    if task:
-        t.add_column("accuracy", justify="right")
-    t.add_column("rejected groups")
+    t = Table(title=f"{len(summary['rounds'])} rounds (phases {legend})")
+    for name, kw in [("round", {}), ("outcome", {}), ("correct", {}), (f"survivors {legend}", {}), (f"seconds {legend}", {}),
+                     ("KiB up", {"justify": "right"})] + ([("accuracy", {"justify": "right"})] if task else []) + [("rejected", {})]:
+        t.add_column(name, no_wrap=True, **kw)
     for r in summary["rounds"]:
         row = [str(r["round"]), r["outcome"], "[green]yes[/]" if r["correct"] else "[red]NO[/]",
-               " ".join(str(r["survivors"].get(p, "-")) for p in used),
-               " ".join(f"{r['seconds'].get(p, 0):.2f}" for p in used), f"{r['bytes_sent_per_client'] / 1024:.1f}"]
+               "/".join(str(r["survivors"].get(p, "-")) for p in used),
+               "/".join(f"{r['seconds'].get(p, 0):.2f}" for p in used), f"{r['bytes_sent_per_client'] / 1024:.1f}"]
         if task:
             row.append(f"{r.get('accuracy', float('nan')):.3f}")
-        row.append("; ".join(f"g{x['group']}: {x['reasons'][0].split(' ')[0]}" for x in r["rejected_groups"]) or "-")
+        row.append(", ".join(f"g{x['group']} {x['reasons'][0].split(' ')[0]}" for x in r["rejected_groups"]) or "-")
         t.add_row(*row)
     console.print(t)  # type: ignore[attr-defined]
-    console.print(f"phases: {', '.join(used)}; wall {summary['wall_seconds']:.1f} s; server peak RSS "  # type: ignore[attr-defined]
-                  f"{summary['server_peak_rss_mb']:.0f} MiB; all rounds correct: {summary['correct']}")
+    last = summary["rounds"][-1] if summary["rounds"] else {}
+    acc = f"test accuracy {last['accuracy']:.3f}; " if task and "accuracy" in last else ""
+    console.print(f"{acc}wall {summary['wall_seconds']:.1f} s; server peak RSS {summary['server_peak_rss_mb']:.0f} MiB; "  # type: ignore[attr-defined]
+                  f"every aggregate equals the plaintext sum of its survivors' inputs: "
+                  f"{'[green]yes[/]' if summary['correct'] else '[red]NO[/]'}")
