@@ -11,17 +11,17 @@ retried with exponential backoff; a round in progress is never retried (its keys
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import inspect
 import logging
 import os
 import secrets
-import inspect
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
-
 from secagg.protocol.client import ClientMachine
 from secagg.protocol.encoding import EncodingParams, encode
 from secagg.protocol.errors import AbortError, RemoteProtocolError
@@ -158,17 +158,19 @@ class AsyncClient:
     async def get_model(self, version: int = 0) -> tuple[int, np.ndarray]:
         """Download a model version (0: the latest)."""
         stub = pb_grpc.SecAggStub(await self._connect())
-        parts, ver, dim = [], 0, 0
+        parts, ver, dim, digest = [], 0, 0, ""
         try:
             async for chunk in stub.GetModel(pb.GetModelRequest(version=version), timeout=self.settings.wait_seconds):
                 if chunk.offset == 0:
-                    ver, dim = chunk.version, chunk.dim
+                    ver, dim, digest = chunk.version, chunk.dim, chunk.digest
                 parts.append(np.frombuffer(chunk.values, dtype="<f8"))
         except grpc.aio.AioRpcError as exc:
             raise Rejected(exc.code().name, exc.details() or "") from None
         values = np.concatenate(parts) if parts else np.zeros(0)
         if values.size != dim:
             raise ClientError(f"model v{ver} arrived with {values.size} of {dim} values")
+        if hashlib.sha256(values.astype("<f8").tobytes()).hexdigest() != digest:
+            raise ClientError(f"model v{ver} failed its SHA-256 check; download it again")
         return ver, values.astype(np.float64)
 
     async def status(self) -> pb.StatusReply:

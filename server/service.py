@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
 from secagg.protocol.errors import RemoteProtocolError
 from secagg.protocol.signatures import verify
 from secagg.v1 import secagg_pb2 as pb
@@ -110,10 +110,11 @@ class SecAggServicer(pb_grpc.SecAggServicer):
         except StoreError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         values = np.ascontiguousarray(mv.params, dtype="<f8").ravel()
+        digest = hashlib.sha256(values.tobytes()).hexdigest()   # over exactly the bytes we send
         for start in range(0, max(values.size, 1), MODEL_CHUNK_VALUES):
             part = values[start : start + MODEL_CHUNK_VALUES]
             yield pb.ModelChunk(version=mv.version, dim=values.size, offset=start, values=part.tobytes(),
-                                digest=mv.digest if start == 0 else "")
+                                digest=digest if start == 0 else "")
 
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:  # noqa: N802
         c = self.coordinator
