@@ -16,7 +16,7 @@ import inspect
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 from secagg.protocol.client import ClientMachine
 from secagg.protocol.encoding import EncodingParams, encode
-from secagg.protocol.errors import AbortError, RemoteProtocolError
+from secagg.protocol.errors import AbortError, LocalProtocolError, RemoteProtocolError
 from secagg.protocol.messages import Phase
 from secagg.protocol.signatures import sign
 from secagg.v1 import secagg_pb2 as pb
@@ -95,7 +95,7 @@ class ClientSettings:
     backoff: float = 0.5                     # first retry delay, doubled each time (with jitter)
     wait_seconds: float = 300.0              # how long to wait in the lobby for a round
     min_group_size: int = 2                  # our privacy floor: refuse smaller groups / sums
-    trusted_identities: Collection[bytes] | None = None
+    trusted_identities: Collection[bytes] | Mapping[str, bytes] | None = None   # keys, or client id -> key (pins seats)
     randbytes: Callable[[int], bytes] = field(default=os.urandom, repr=False)
 
 
@@ -253,8 +253,12 @@ class AsyncClient:
             raise ClientError(f"update has {update.size} values but round {rc.round_id} needs {info.dim}")
         timeout = max(rc.phase_timeout_seconds, 1.0) * 3
         try:
-            machine = ClientMachine(cfg, rc.index, identity_key=self._identity, trusted_identities=s.trusted_identities,
-                                    min_group_size=s.min_group_size, randbytes=s.randbytes)
+            trusted, pinned = s.trusted_identities, None
+            if isinstance(trusted, Mapping):  # pin each seat to the key we know for that member id
+                pinned = {i + 1: trusted[mid] for i, mid in enumerate(rc.member_ids) if mid in trusted}
+                trusted = None
+            machine = ClientMachine(cfg, rc.index, identity_key=self._identity, trusted_identities=trusted,
+                                    pinned_identities=pinned, min_group_size=s.min_group_size, randbytes=s.randbytes)
             seed = rounding_seed or s.randbytes(32)
             encoded = encoder(update, params, cfg.members, seed) if encoder else encode(update, params, cfg.members, rounding_seed=seed)
 
@@ -289,7 +293,7 @@ class AsyncClient:
                     break
                 else:
                     raise ClientError(f"unexpected {kind} from the server")
-        except (AbortError, RemoteProtocolError, convert.WireError) as exc:
+        except (AbortError, RemoteProtocolError, LocalProtocolError, convert.WireError) as exc:
             try:
                 await call.write(pb.ClientMessage(abort=pb.ClientAbort(reason=str(exc))))
             except grpc.aio.AioRpcError:

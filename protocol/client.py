@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 
@@ -72,6 +72,7 @@ class ClientMachine:
         *,
         identity_key: bytes | None = None,
         trusted_identities: Collection[bytes] | None = None,
+        pinned_identities: Mapping[int, bytes] | None = None,
         min_group_size: int = 2,
         randbytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -84,6 +85,7 @@ class ClientMachine:
         self.state = ClientState.READY
         self._identity_key = identity_key
         self._trusted = None if trusted_identities is None else frozenset(trusted_identities)
+        self._pinned = None if pinned_identities is None else dict(pinned_identities)  # index -> key, out of band
         self._randbytes = randbytes
         self.neighbors = graph.build(config.members, config.neighbors, config.graph_seed)[index]
         holders = len(self.neighbors) + 1
@@ -165,7 +167,12 @@ class ClientMachine:
         if len(set(publics)) != len(publics):
             raise self._abort("two advertised public keys are equal; refusing (possible key substitution)")
         if self.config.mode is Mode.ACTIVE:
+            identities = [p.identity for p in peers.values()]
+            if len(set(identities)) != len(identities):
+                raise self._abort("one identity key signs for several members; refusing (a sybil fills the group)")
             for p in peers.values():
+                if self._pinned is not None and self._pinned.get(p.index) != p.identity:
+                    raise self._abort(f"client {p.index}'s identity key is not the one pinned for that member")
                 if self._trusted is not None and p.identity not in self._trusted:
                     raise self._abort(f"client {p.index}'s identity key is not one we trust")
                 signatures.verify(p.identity, p.signature, signatures.keys_message(self.config.session, p.index, p.c_public, p.s_public), index=p.index)
@@ -193,7 +200,7 @@ class ClientMachine:
                 continue
             ct = aead.seal(self._share_keys[v], plaintext, session=self.config.session, sender=self.index, receiver=v, nonce=self._randbytes(aead.NONCE_BYTES))
             out.append(EncryptedShare(self.index, v, ct))
-        return ShareKeys(self.index, tuple(out))
+        return ShareKeys(self.index, tuple(out), signatures.self_mask_commitment(self.config.session, self.index, self._self_seed))
 
     # -- round 2: masked input ---------------------------------------------------------
     def masked_input(self, delivery: SharesDelivery, encoded: np.ndarray) -> MaskedInput:

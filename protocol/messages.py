@@ -83,6 +83,7 @@ class EncryptedShare:
 class ShareKeys:
     index: int
     shares: tuple[EncryptedShare, ...]   # one per neighbour in U1
+    self_mask_commitment: bytes = b""    # SHA-256 binding b_u: lets the server detect bad b-shares
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ goes on.  Only too few survivors (fewer than t) abort the group.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -86,6 +86,8 @@ class ServerMachine:
         self._u1: dict[int, AdvertiseKeys] = {}
         self._u2: frozenset[int] = frozenset()
         self._u3: frozenset[int] = frozenset()
+        self._commitments: dict[int, bytes] = {}
+        self.inconsistent: dict[int, str] = {}   # owner -> how its secret was recovered despite bad shares
         self.result: AggregateResult | None = None
         self.abort_reason = ""
 
@@ -164,6 +166,8 @@ class ServerMachine:
             raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: needs exactly one share for each of its {len(expected)} neighbours")
         if any(len(s.ciphertext) != SHARE_CIPHERTEXT_BYTES for s in msg.shares):
             raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: share ciphertexts must be {SHARE_CIPHERTEXT_BYTES} bytes")
+        if len(msg.self_mask_commitment) != 32:
+            raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: self-mask commitment must be 32 bytes")
 
     def _on_masked_input(self, msg: MaskedInput) -> None:
         v = msg.vector
@@ -220,6 +224,9 @@ class ServerMachine:
             for s in sent[u].shares:
                 if s.receiver in inbox:
                     inbox[s.receiver].append(s)
+        self._commitments = {u: sent[u].self_mask_commitment for u in self._u2}
+        # forwarded: keep who sent, not the O(m^2) ciphertexts
+        self.received[Phase.SHARE_KEYS] = dict.fromkeys(sent)  # type: ignore[assignment]
         return {v: SharesDelivery(v, tuple(inbox[v])) for v in sorted(self._u2)}
 
     def _close_masked_input(self) -> dict[int, ServerMessage]:
@@ -251,25 +258,47 @@ class ServerMachine:
         coeff_cache: dict[tuple[int, ...], dict[int, int]] = {}
         t = self.config.threshold
 
-        def recover(owner: int, shares: dict[int, bytes], what: str) -> bytes:
-            xs = tuple(sorted(shares)[:t])   # the same first-t responders for most owners: one Lagrange set
-            if len(xs) < t:
-                raise self._abort(f"only {len(xs)} shares of client {owner}'s {what}, threshold is {t}")
+        def combine(xs: tuple[int, ...], shares: dict[int, bytes]) -> bytes | None:
             if xs not in coeff_cache:
                 coeff_cache[xs] = shamir.lagrange_at_zero(xs)
             try:
                 return shamir.combine(coeff_cache[xs], {x: int.from_bytes(shares[x], "big") for x in xs})
-            except ValueError as exc:
-                raise self._abort(f"client {owner}'s {what} did not reconstruct: {exc}") from None
+            except ValueError:
+                return None
+
+        def recover(owner: int, shares: dict[int, bytes], what: str, valid: Callable[[bytes], bool]) -> bytes:
+            """The first t responders (one Lagrange set for most owners); if the result fails its
+            check (commitment or public key), swap each of them for a spare responder.  The check is
+            cryptographic, so a recovered secret is the right one; which responder lied is not
+            always decidable (a shift can cancel in another subset), so none is blamed."""
+            ordered = sorted(shares)
+            if len(ordered) < t:
+                raise self._abort(f"only {len(ordered)} shares of client {owner}'s {what}, threshold is {t}")
+            first = tuple(ordered[:t])
+            secret = combine(first, shares)
+            if secret is not None and valid(secret):
+                return secret
+            for spare in ordered[t:]:
+                for liar in first:
+                    xs = tuple(sorted((set(first) - {liar}) | {spare}))
+                    secret = combine(xs, shares)
+                    if secret is not None and valid(secret):
+                        self.inconsistent[owner] = f"inconsistent shares of client {owner}'s {what}; recovered from responders {list(xs)}"
+                        return secret
+            raise self._abort(f"client {owner}'s {what} does not match its commitment from any set of responders "
+                              "(bad shares, or the owner lied); group aborted rather than release a corrupt sum")
 
         cfg = self.config
         total = self._sum.copy()
+        session = cfg.session
         for u in sorted(self._u3):
-            prg.accumulate(total, recover(u, b_shares.get(u, {}), "self-mask seed"), subtract=True)
+            commitment = self._commitments[u]
+            seed = recover(u, b_shares.get(u, {}), "self-mask seed",
+                           lambda b, u=u, c=commitment: signatures.self_mask_commitment(session, u, b) == c)
+            prg.accumulate(total, seed, subtract=True)
         for v in sorted(self._u2 - self._u3):
-            s_private = recover(v, s_shares.get(v, {}), "mask key")
-            if KeyPair.from_private(s_private).public != self._u1[v].s_public:
-                raise self._abort(f"client {v}'s reconstructed mask key does not match its advertised key (bad shares)")
+            public = self._u1[v].s_public
+            s_private = recover(v, s_shares.get(v, {}), "mask key", lambda k, p=public: KeyPair.from_private(k).public == p)
             peers = {w: self._u1[w].s_public for w in sorted(self._u3 & self.neighbors[v])}
             for w, seed in pair_keys(s_private, peers, session=cfg.session, purpose=Purpose.MASK_SEED, u=v).items():
                 prg.accumulate(total, seed, subtract=v > w)  # w added PRG(s_wv) iff v > w

@@ -40,3 +40,11 @@ def consistency_message(session: bytes, survivors: frozenset[int] | tuple[int, .
     """What a client signs in the consistency check: the survivor set U3 it was told about."""
     body = b"".join(i.to_bytes(4, "big") for i in sorted(survivors))
     return b"|".join((PROTOCOL_VERSION, b"consistency", session, body))
+
+
+def self_mask_commitment(session: bytes, index: int, seed: bytes) -> bytes:
+    """SHA-256 commitment to a self-mask seed: the server checks each reconstructed b_u against it,
+    so one member's wrong share cannot silently corrupt the sum."""
+    import hashlib
+
+    return hashlib.sha256(b"|".join((PROTOCOL_VERSION, b"self-mask", session, index.to_bytes(4, "big"), seed))).digest()

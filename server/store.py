@@ -463,6 +463,15 @@ class Store:
             )
         now = _now()
         with self._write() as conn:
+            other = conn.execute(
+                "SELECT client_id FROM identities WHERE public_key = ? AND client_id != ? AND revoked_at IS NULL",
+                (key, client_id),
+            ).fetchone()
+            if other is not None:  # one key, two ids would be one party with two votes
+                raise StoreError(
+                    f"this public key is already registered as {other[0]!r}; each identity needs its own key "
+                    "(one key under two ids would give one party two votes)"
+                )
             row = conn.execute(
                 "SELECT public_key, revoked_at FROM identities WHERE client_id = ?", (client_id,)
             ).fetchone()

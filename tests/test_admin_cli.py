@@ -139,14 +139,19 @@ def test_register_from_public_key_file_and_identity_key(capsys: pytest.CaptureFi
     with Store(db) as s:
         assert s.identities() == {"alice": public, "bob": bob_public}
 
+    # one key under a second id is refused: one party, two votes
+    code, out, err = run(capsys, "register", "--db", str(db), "--client-id", "bob2", "--key", str(pki_dir / "bob.identity"))
+    assert code == 2 and "already registered as 'bob'" in err
+
     # a different key for alice needs --replace
-    code, out, err = run(capsys, "register", "--db", str(db), "--client-id", "alice", "--key", str(pki_dir / "bob.identity"))
+    assert run(capsys, "certs", "--out", str(pki_dir), "--client", "carol")[0] == 0
+    code, out, err = run(capsys, "register", "--db", str(db), "--client-id", "alice", "--key", str(pki_dir / "carol.identity"))
     assert code == 2 and "--replace" in err
     code, _, _ = run(capsys, "register", "--db", str(db), "--client-id", "alice", "--key",
-                     str(pki_dir / "bob.identity"), "--replace")
+                     str(pki_dir / "carol.identity"), "--replace")
     assert code == 0
     with Store(db) as s:
-        assert s.identity("alice") == bob_public
+        assert s.identity("alice") == identity_public_key(load_identity_key(pki_dir / "carol.identity"))
 
 
 def test_register_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

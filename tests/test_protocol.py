@@ -287,18 +287,41 @@ def test_secagg_plus_client_ignores_keys_of_non_neighbours() -> None:
     assert {s.receiver for s in out.shares} == r.clients[1].neighbors
 
 
-def test_server_aborts_when_a_reconstructed_mask_key_is_wrong() -> None:
-    cfg = make_config(6, seed=14)   # t = 4
+def _shift_share(msg: UnmaskResponse, kind: str, delta: int) -> UnmaskResponse:
+    shares = getattr(msg, kind)
+    owner, share = shares[0]
+    bad = ((owner, ((int.from_bytes(share, "big") + delta) % shamir.PRIME).to_bytes(66, "big")),) + shares[1:]
+    return dataclasses.replace(msg, **{kind: bad})
+
+
+def test_server_sets_aside_one_wrong_mask_key_share_and_sums_exactly() -> None:
+    cfg = make_config(6, seed=14)   # t = 4; 5 responders leave one spare
     r = Round(cfg)
+    up = lambda p, i, m: _shift_share(m, "mask_key_shares", 12345) if i == 1 and isinstance(m, UnmaskResponse) else m  # noqa: E731
+    r.run(drops={Phase.MASKED_INPUT: {6}}, up=up)
+    r.assert_exact({1, 2, 3, 4, 5})
+    assert r.server.inconsistent[6].startswith("inconsistent shares of client 6's mask key; recovered from responders")
 
-    def up(phase: Phase, i: int, msg: object) -> object:
-        if i == 1 and isinstance(msg, UnmaskResponse):
-            (owner, share), = msg.mask_key_shares
-            y = (int.from_bytes(share, "big") + 12345) % shamir.PRIME
-            return UnmaskResponse(1, msg.self_mask_shares, ((owner, y.to_bytes(66, "big")),))
-        return msg
 
-    with pytest.raises(AbortError, match="client 6's reconstructed mask key does not match its advertised key"):
+def test_server_sets_aside_one_wrong_self_mask_share_and_sums_exactly() -> None:
+    """A share shifted so the reconstructed seed is still a 32-byte value (it would pass any
+    range check): only the commitment in ShareKeys exposes it."""
+    cfg = make_config(6, seed=15)   # t = 4; 6 responders leave two spares
+    r = Round(cfg)
+    coeffs = shamir.lagrange_at_zero((1, 2, 3, 4))
+    delta = pow(coeffs[1], -1, shamir.PRIME)   # moves the reconstructed b by exactly +1
+    up = lambda p, i, m: _shift_share(m, "self_mask_shares", delta) if i == 1 and isinstance(m, UnmaskResponse) else m  # noqa: E731
+    r.run(up=up)
+    r.assert_exact({1, 2, 3, 4, 5, 6})
+    assert len(r.server.inconsistent) == 1 and "self-mask seed" in next(iter(r.server.inconsistent.values()))
+
+
+def test_server_aborts_rather_than_release_a_corrupt_sum() -> None:
+    cfg = make_config(6, seed=16)   # t = 4; 5 responders, two of them lie: no consistent subset
+    r = Round(cfg)
+    # different shifts: equal shifts on two shares can cancel in another subset (and then recover fine)
+    up = lambda p, i, m: _shift_share(m, "mask_key_shares", 777 * i) if i in (1, 2) and isinstance(m, UnmaskResponse) else m  # noqa: E731
+    with pytest.raises(AbortError, match="client 6's mask key does not match its commitment from any set of responders"):
         r.run(drops={Phase.MASKED_INPUT: {6}}, up=up)
     assert r.server.state is ServerState.ABORTED and r.server.result is None
 
@@ -583,6 +606,31 @@ def test_active_client_refuses_untrusted_identity() -> None:
     assert "client 5's identity key is not one we trust" in str(r.client_errors[1])
     assert set(r.client_errors) == {1}
     r.assert_exact(set(range(2, 8)))
+
+
+def test_active_client_refuses_one_identity_signing_for_several_members() -> None:
+    """A server (or sybil) whose one trusted key signs seats 2..5 would otherwise isolate client 1."""
+    cfg = make_config(5, ACTIVE, seed=36)
+    mallory = bytes([99]) * 32
+    victim = ClientMachine(cfg, 1, identity_key=bytes([1]) * 32,
+                           trusted_identities={signatures.public_key(bytes([1]) * 32), signatures.public_key(mallory)})
+    mine = victim.advertise_keys()
+    others = [ClientMachine(cfg, i, identity_key=mallory).advertise_keys() for i in range(2, 6)]
+    with pytest.raises(AbortError, match="one identity key signs for several members"):
+        victim.share_keys(KeysBroadcast((mine, *others)))
+    assert victim.state is ClientState.ABORTED
+
+
+def test_active_client_checks_identities_pinned_per_member() -> None:
+    cfg = make_config(5, ACTIVE, seed=37)
+    keys = {i: bytes([i]) * 32 for i in range(1, 6)}
+    pinned = {i: signatures.public_key(k) for i, k in keys.items()}
+    pinned[4] = signatures.public_key(bytes([44]) * 32)   # out of band we expect another key for seat 4
+    machines = {i: ClientMachine(cfg, i, identity_key=k, pinned_identities=pinned if i == 1 else None) for i, k in keys.items()}
+    broadcast = KeysBroadcast(tuple(m.advertise_keys() for m in machines.values()))
+    with pytest.raises(AbortError, match="client 4's identity key is not the one pinned"):
+        machines[1].share_keys(broadcast)
+    assert machines[2].share_keys(broadcast).index == 2   # no pins: accepted
 
 
 def test_active_client_refuses_unmask_request_with_other_survivor_set() -> None:

@@ -89,25 +89,28 @@ def test_closed_store_says_so(db: Path) -> None:
 
 
 def test_identities_register_replace_revoke(store: Store) -> None:
-    k1, k2 = bytes(range(32)), bytes(range(1, 33))
+    k1, k2, k3 = bytes(range(32)), bytes(range(1, 33)), bytes(range(2, 34))
     store.register_identity("alice", k1)
     store.register_identity("alice", k1)  # same key again: no-op
     store.register_identity("bob.1_x-y", k2)
     assert store.identity("alice") == k1
     assert store.identities() == {"alice": k1, "bob.1_x-y": k2}
+    with pytest.raises(StoreError, match="already registered as 'alice'.*two votes"):
+        store.register_identity("mallory", k1)   # one key, two ids: one party, two votes
+    assert "mallory" not in store.identities()
 
     with pytest.raises(StoreError, match="different public key.*replace=True"):
-        store.register_identity("alice", k2)
+        store.register_identity("alice", k3)
     assert store.identity("alice") == k1
-    store.register_identity("alice", k2, replace=True)
-    assert store.identity("alice") == k2
+    store.register_identity("alice", k3, replace=True)
+    assert store.identity("alice") == k3
 
     store.revoke_identity("alice")
     store.revoke_identity("alice")  # twice: no-op
     assert store.identity("alice") is None
     assert store.identities() == {"bob.1_x-y": k2}
     with pytest.raises(StoreError, match="revoked"):
-        store.register_identity("alice", k2)
+        store.register_identity("alice", k3)
     row = store._conn.execute("SELECT revoked_at FROM identities WHERE client_id='alice'").fetchone()
     assert row[0] is not None  # kept for the record
 

@@ -38,7 +38,8 @@ def advertise_from_pb(index: int, body: pb.AdvertiseKeys, identity: bytes) -> m.
 
 
 def share_keys_to_pb(msg: m.ShareKeys) -> pb.ClientMessage:
-    return pb.ClientMessage(share_keys=pb.ShareKeys(shares=[_share_pb(s) for s in msg.shares]))
+    return pb.ClientMessage(share_keys=pb.ShareKeys(shares=[_share_pb(s) for s in msg.shares],
+                                                    self_mask_commitment=msg.self_mask_commitment))
 
 
 def _share_pb(s: m.EncryptedShare) -> pb.EncryptedShare:
@@ -50,7 +51,7 @@ def _share_from(s: pb.EncryptedShare) -> m.EncryptedShare:
 
 
 def share_keys_from_pb(index: int, body: pb.ShareKeys) -> m.ShareKeys:
-    return m.ShareKeys(index, tuple(_share_from(s) for s in body.shares))
+    return m.ShareKeys(index, tuple(_share_from(s) for s in body.shares), bytes(body.self_mask_commitment))
 
 
 def consistency_signature_to_pb(msg: m.ConsistencySignature) -> pb.ClientMessage:

@@ -65,10 +65,12 @@ class EncryptedShare(_message.Message):
     def __init__(self, sender: _Optional[int] = ..., receiver: _Optional[int] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
 
 class ShareKeys(_message.Message):
-    __slots__ = ("shares",)
+    __slots__ = ("shares", "self_mask_commitment")
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
-    def __init__(self, shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+    self_mask_commitment: bytes
+    def __init__(self, shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ..., self_mask_commitment: _Optional[bytes] = ...) -> None: ...
 
 class MaskedInputChunk(_message.Message):
     __slots__ = ("offset", "words", "last")
