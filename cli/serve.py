@@ -30,6 +30,7 @@ _FLAGS = {  # flag -> (type, help)
     "phase_seconds": (float, "per-phase deadline"),
     "chunk_words": (int, "words per masked-input chunk"),
     "max_inflight": (int, "masked-input streams assembled at once per group"),
+    "stall_seconds": (float, "drop a client silent this long mid-vector (0: phase_seconds / 4)"),
     "clip_norm": (float, "L2 bound B on each client's update"),
     "clip_value": (float, "per-coordinate bound c (0: none beyond B)"),
     "precision_bits": (int, "fixed-point precision"),

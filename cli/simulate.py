@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .main import UsageError
@@ -49,26 +50,27 @@ def run(args: argparse.Namespace) -> int:
     if task == "digits" and args.dim is not None:
         raise UsageError("--dim applies to --task synthetic; the digits model's size is fixed")
     try:
+        def given(value: float | None, default: float) -> float:
+            return default if value is None else value
+
         cfg = SimConfig(
-            clients=args.clients, dim=args.dim or 1000, rounds=args.rounds or (3 if task == "synthetic" else 12),
+            clients=args.clients, dim=int(given(args.dim, 1000)), rounds=int(given(args.rounds, 3 if task == "synthetic" else 12)),
             dropout=args.dropout, dropout_phase=args.dropout_phase, groups=args.groups, neighbors=args.neighbors,
             mode=args.mode, threshold=args.threshold, processes=args.processes, seed=args.seed, phase_seconds=args.phase_seconds,
-            clip_norm=args.clip_norm or (10.0 if task == "synthetic" else 5.0), task=None if task == "synthetic" else task,
+            clip_norm=given(args.clip_norm, 10.0 if task == "synthetic" else 5.0), task=None if task == "synthetic" else task,
             rule=args.rule, byzantine_groups=args.byzantine_groups, attack=args.attack, byzantine=args.byzantine,
             bypass_bounds=args.bypass_bounds, non_iid=args.non_iid, workdir=args.workdir,
         ).validate()
-        if cfg.task and (cfg.attack != "none" or cfg.rule != "mean"):
-            cfg.fl_config()  # validates attack and rule names early
+        if cfg.task:
+            cfg.fl_config()  # validates attack, rule, clip norm and the non-IID alpha before any process starts
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    import sys
-
     console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes get the whole table
-    console.print(f"[bold]secagg simulate[/]: {cfg.clients} clients in {cfg.groups} group(s), {task} "
-                  f"{'(dim ' + str(cfg.dim) + ')' if task == 'synthetic' else ''}, {cfg.rounds} rounds, {cfg.mode}, "
+    what = f"synthetic vectors (dim {cfg.dim})" if task == "synthetic" else "softmax regression on digits"
+    console.print(f"[bold]secagg simulate[/]: {cfg.clients} clients in {cfg.groups} group(s), {what}, {cfg.rounds} rounds, {cfg.mode}, "
                   f"dropout {cfg.dropout:.0%} before {cfg.dropout_phase}, {cfg.processes} worker processes")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as prog:
         rounds = prog.add_task("rounds", total=cfg.rounds)
@@ -86,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2, default=str))
         console.print(f"summary written to {args.json}")
+    if summary["correct"] and not any(r["outcome"] == "completed" for r in summary["rounds"]):
+        console.print("[red]no round completed[/]: see the outcome column, or rerun with --workdir DIR and `secagg rounds --db DIR/secagg.db`")
+        return 1
     return 0 if summary["correct"] else 1
 
 
@@ -104,7 +109,10 @@ def print_summary(console: object, summary: dict) -> None:
                      ("KiB up", {"justify": "right"})] + ([("accuracy", {"justify": "right"})] if task else []) + [("rejected", {})]:
         t.add_column(name, no_wrap=True, **kw)
     for r in summary["rounds"]:
-        row = [str(r["round"]), r["outcome"], "[green]yes[/]" if r["correct"] else "[red]NO[/]",
+        verdict = "[green]yes[/]" if r["correct"] else "[red]NO[/]"
+        if r["outcome"] == "aborted":
+            verdict = "n/a"   # nothing was released, so there is nothing to verify
+        row = [str(r["round"]), r["outcome"], verdict,
                "/".join(str(r["survivors"].get(p, "-")) for p in used),
                "/".join(f"{r['seconds'].get(p, 0):.2f}" for p in used), f"{r['bytes_sent_per_client'] / 1024:.1f}"]
         if task:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from secagg.protocol import thresholds
 from secagg.protocol.encoding import EncodingParams
 from secagg.protocol.messages import Mode
 from secagg.protocol.robust import RULES
@@ -58,13 +59,18 @@ class ServerConfig:
     def validate(self) -> ServerConfig:
         if not self.tls_cert or not self.tls_key:
             raise ConfigError("TLS is required: pass --tls-cert and --tls-key (make a dev pair with `secagg certs --out DIR`)")
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"address must be HOST:PORT with a port in 0..65535, got {self.address!r}")
         if self.dim < 1:
             raise ConfigError("dim must be positive")
         if self.min_clients < 3:
             raise ConfigError("min_clients must be at least 3")
         if self.max_clients < self.min_clients:
             raise ConfigError("max_clients must be >= min_clients")
-        if self.groups < 1 or self.min_clients // self.groups < 3:
+        if self.groups < 1:
+            raise ConfigError("groups must be at least 1")
+        if self.min_clients // self.groups < 3:
             raise ConfigError(f"{self.groups} groups need at least {3 * self.groups} clients per round (min_clients)")
         self.mode_enum  # noqa: B018  (validates)
         if self.neighbors and (self.neighbors < 2 or self.neighbors % 2):
@@ -73,8 +79,9 @@ class ServerConfig:
             raise ConfigError("phase_seconds must be > 0 and lobby_seconds >= 0")
         if self.max_inflight < 1 or self.stall_seconds < 0:
             raise ConfigError("max_inflight must be >= 1 and stall_seconds >= 0")
-        if not 1 <= self.chunk_words <= 1 << 20:
-            raise ConfigError("chunk_words must be in 1..1048576 (chunks stay far below gRPC's 4 MiB limit)")
+        if not 1 <= self.chunk_words <= 1 << 19:
+            raise ConfigError("chunk_words must be in 1..524288 (at most 4 MiB a chunk with 64-bit words)")
+        self._check_threshold()
         if self.rule not in RULES:
             raise ConfigError(f"unknown rule {self.rule!r}; choose one of {', '.join(RULES)}")
         try:
@@ -82,6 +89,22 @@ class ServerConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         return self
+
+    def _check_threshold(self) -> None:
+        """Refuse thresholds honest clients would refuse, instead of running rounds that all abort."""
+        t, mode = self.threshold, self.mode_enum
+        if t < 0:
+            raise ConfigError("threshold must be >= 0")
+        if 0 < t < 1:
+            floor = 2 / 3 if mode is Mode.ACTIVE else 1 / 2
+            if t <= floor:
+                raise ConfigError(f"threshold fraction {t} is unsafe in {mode.value} mode: it must exceed {floor:.3g} (or use 0 for the safe minimum)")
+        elif t >= 1:
+            size = self.min_clients // self.groups
+            holders = size if not self.neighbors or self.neighbors >= size - 1 else self.neighbors + 1
+            if int(t) < thresholds.minimum(holders, mode) or int(t) > holders:
+                raise ConfigError(f"threshold {int(t)} does not fit groups of {size}: it must be in "
+                                  f"{thresholds.minimum(holders, mode)}..{holders} (or use 0 for the safe minimum)")
 
     @property
     def stall_limit(self) -> float:

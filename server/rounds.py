@@ -67,6 +67,7 @@ class GroupRun:
     timings: dict[str, float] = field(default_factory=dict)
     survivors: dict[str, list[str]] = field(default_factory=dict)
     error: str = ""
+    closing: bool = False        # the final phase is being closed in a worker thread
 
     def client(self, index: int) -> str:
         return self.members[index].client_id
@@ -144,6 +145,8 @@ class Coordinator:
             return self.reject(session, DropReason.ABORTED, f"client aborted: {msg.abort.reason[:200]}")
         if not isinstance(group, GroupRun):
             return self.reject(session, DropReason.OUT_OF_PHASE, f"{kind} before any round configuration; wait for RoundConfig")
+        if group.closing:
+            return self.reject(session, DropReason.OUT_OF_PHASE, f"{kind} after the group's last phase closed")
         if msg.ByteSize() > MAX_CLIENT_MESSAGE_BYTES:
             return self.reject(session, DropReason.OVERSIZED,
                                f"{kind} of {msg.ByteSize()} bytes exceeds the {MAX_CLIENT_MESSAGE_BYTES} byte limit; send smaller chunks")
@@ -222,20 +225,26 @@ class Coordinator:
         return "lobby" if self.lobby else "idle"
 
     # -- rounds -------------------------------------------------------------------------------
+    def _live(self) -> list[Session]:
+        return [s for s in self.lobby.values() if not s.closed]
+
     async def wait_for_cohort(self) -> list[Session]:
+        """At least min_clients live sessions (a group never shrinks below what was promised)."""
         cfg = self.cfg
-        while len(self.lobby) < cfg.min_clients:
-            self._joined.clear()
-            await self._joined.wait()
-        deadline = time.monotonic() + cfg.lobby_seconds
-        while len(self.lobby) < cfg.max_clients and (left := deadline - time.monotonic()) > 0:
-            self._joined.clear()
-            try:
-                await asyncio.wait_for(self._joined.wait(), left)
-            except TimeoutError:
+        while True:
+            while len(self._live()) < cfg.min_clients:
+                self._joined.clear()
+                await self._joined.wait()
+            deadline = time.monotonic() + cfg.lobby_seconds
+            while len(self._live()) < cfg.max_clients and (left := deadline - time.monotonic()) > 0:
+                self._joined.clear()
+                try:
+                    await asyncio.wait_for(self._joined.wait(), left)
+                except TimeoutError:
+                    break
+            cohort = self._live()[: cfg.max_clients]
+            if len(cohort) >= cfg.min_clients:   # someone may have left while we waited
                 break
-        live = [s for s in self.lobby.values() if not s.closed]
-        cohort = live[: cfg.max_clients]
         for s in cohort:
             del self.lobby[s.client_id]
         return cohort
@@ -299,17 +308,22 @@ class Coordinator:
         try:
             await asyncio.gather(*(self._drive(g) for g in groups))
             await self._finish(round_id, groups, model, time.monotonic() - t0)
-        except Exception as exc:  # a bug must not leave a record "running" or clients hanging
-            log.exception("%s failed", round_id)
-            reason = f"internal error: {type(exc).__name__}: {exc}"
+        except (Exception, asyncio.CancelledError) as exc:  # a bug or a shutdown must not leave a record "running"
+            stopping = isinstance(exc, asyncio.CancelledError)
+            if not stopping:
+                log.exception("%s failed", round_id)
+            reason = "the server stopped during the round" if stopping else f"internal error: {type(exc).__name__}: {exc}"
             try:
                 self.store.finish_round(round_id, "failed", error=reason)
             except Exception:
                 log.exception("could not record the failure of %s", round_id)
+            code = grpc.StatusCode.UNAVAILABLE if stopping else grpc.StatusCode.INTERNAL
             for g in groups:
                 for sess in g.members.values():
-                    sess.abort(grpc.StatusCode.INTERNAL, f"round {round_id} failed on the server; try the next round")
+                    sess.abort(code, f"round {round_id} failed: {reason}; try the next round")
             self.last_outcome = "failed"
+            if stopping:
+                raise
         self.rounds_done += 1
         self.round_id, self._groups = "", []
         return round_id
@@ -329,7 +343,11 @@ class Coordinator:
             for late in sorted(m.waiting_for()):
                 self.reject(g.members[late], DropReason.TIMEOUT, f"no {phase.label} message within the {self.cfg.phase_seconds:g} s deadline")
             try:
-                out = m.close_phase()
+                if phase is Phase.UNMASKING:   # O(survivors x D) of PRG work: keep the event loop free
+                    g.closing = True
+                    out = await asyncio.to_thread(m.close_phase)
+                else:
+                    out = m.close_phase()
             except AbortError as exc:
                 g.error = str(exc)
                 log.warning("%s group %d aborted: %s", g.round_id, g.number, exc)
@@ -345,7 +363,8 @@ class Coordinator:
         cfg = self.cfg
         done = {g.number: g for g in groups if g.machine.result is not None}
         sums = {n: (g.machine.result.total, len(g.machine.result.survivors)) for n, g in done.items()}  # type: ignore[union-attr]
-        decision = combine_groups(sums, cfg.encoding, rule=cfg.rule, f=cfg.byzantine_groups, rule_params=cfg.rule_params) if sums else None
+        decision = await asyncio.to_thread(combine_groups, sums, cfg.encoding, rule=cfg.rule, f=cfg.byzantine_groups,
+                                           rule_params=cfg.rule_params) if sums else None
         version, outcome, error = model.version, "aborted", "every group aborted: " + "; ".join(g.error for g in groups)
         if decision is not None:
             if decision.update is not None:
@@ -367,7 +386,8 @@ class Coordinator:
         fields = {
             "survivors": survivors,
             "dropouts": dropouts,
-            "checks": [v.as_record() for v in decision.verdicts] if decision else [],
+            "checks": [v.as_record() | {"inconsistent_shares": done[v.group].machine.inconsistent} for v in decision.verdicts]
+            if decision else [],
             "rule": decision.as_record() if decision else {},
             "aggregate_digest": sums_digest({n: s for n, (s, _) in sums.items()}) if sums else None,
             "timings": {"total": seconds, "groups": {str(g.number): g.timings for g in groups},

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from secagg.protocol.errors import RemoteProtocolError
+from secagg.protocol.errors import DropReason, RemoteProtocolError
 from secagg.protocol.signatures import verify
 from secagg.v1 import secagg_pb2 as pb
 from secagg.v1 import secagg_pb2_grpc as pb_grpc
@@ -21,11 +21,11 @@ from secagg.wire.identity import CLIENT_ID, NONCE_BYTES, hello_message
 from .config import ConfigError, ServerConfig
 from .rounds import AlreadyConnected, Coordinator
 from .session import Abort, Session
-from .store import Store
+from .store import Store, StoreError
 
 log = logging.getLogger("secagg.server")
 
-MAX_MESSAGE_BYTES = 64 << 20   # gRPC's hard limit; rounds.py refuses anything above 8 MiB itself
+MAX_MESSAGE_BYTES = 12 << 20   # gRPC's hard limit, even before hello; rounds.py refuses above 8 MiB with a reason
 MODEL_CHUNK_VALUES = 1 << 17   # 1 MiB of float64 per chunk
 SERVER_VERSION = "secagg/0.1"
 
@@ -98,8 +98,9 @@ class SecAggServicer(pb_grpc.SecAggServicer):
                 await self.coordinator.handle(session, msg)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a broken stream (reset, oversized message) is a dropout
-            detail = f"stream broken: {type(exc).__name__}"
+        except Exception as exc:  # a message that does not parse, or a broken stream
+            detail = f"unreadable message or broken stream ({type(exc).__name__})"
+            self.coordinator.reject(session, DropReason.MALFORMED, f"{detail}; send well-formed secagg.v1.ClientMessage")
         self.coordinator.disconnect(session, detail)
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
@@ -136,11 +137,21 @@ class RunningServer:
         self.store.close()
 
 
+def close_interrupted_rounds(store: Store) -> None:
+    """Rounds still "running" in the database were cut short by a crash or kill: say so."""
+    for rec in store.rounds(limit=1000):
+        if rec.outcome == "running":
+            store.finish_round(rec.round_id, "failed", error="the server stopped during the round (found at restart)")
+
+
 def ensure_model(store: Store, cfg: ServerConfig) -> None:
     """The first version is the initial model (zeros or --init-model); later ones must match dim."""
     latest = store.latest_version()
     if latest is None:
-        init = np.zeros(cfg.dim) if not cfg.init_model else np.load(cfg.init_model, allow_pickle=False).astype(np.float64).ravel()
+        try:
+            init = np.zeros(cfg.dim) if not cfg.init_model else np.load(cfg.init_model, allow_pickle=False).astype(np.float64).ravel()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load --init-model {cfg.init_model}: {exc}") from None
         if init.size != cfg.dim:
             raise ConfigError(f"initial model has {init.size} values but dim is {cfg.dim}")
         store.append_model(init, round_id=None, reason="initial model")
@@ -166,8 +177,12 @@ def credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
 async def start(cfg: ServerConfig, *, on_round: Callable[[str], None] | None = None) -> RunningServer:
     """Start the service (TLS always) and the round loop; returns once it listens."""
     cfg.validate()
-    store = Store(cfg.db)
     try:
+        store = Store(cfg.db)
+    except StoreError as exc:
+        raise ConfigError(f"cannot open the database: {exc}") from None
+    try:
+        close_interrupted_rounds(store)
         ensure_model(store, cfg)
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -178,7 +193,10 @@ async def start(cfg: ServerConfig, *, on_round: Callable[[str], None] | None = N
         ])
         coordinator = Coordinator(cfg, store)
         pb_grpc.add_SecAggServicer_to_server(SecAggServicer(coordinator, store), server)
-        port = server.add_secure_port(cfg.address, credentials(cfg))
+        try:
+            port = server.add_secure_port(cfg.address, credentials(cfg))
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {cfg.address}: {exc}") from None
         if not port:
             raise ConfigError(f"cannot listen on {cfg.address}")
         await server.start()

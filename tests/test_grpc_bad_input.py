@@ -714,3 +714,25 @@ async def test_status_reports_the_phase_of_a_round_in_progress(tmp_path):
         st = await h.client("c0").status()
         assert st.round_id and st.round_id == h.srv.coordinator.round_id
         assert st.phase == "advertise_keys", st
+
+
+# ---- bytes that are not a ClientMessage ------------------------------------------------------------
+@async_test
+async def test_unparseable_bytes_get_invalid_argument_and_are_recorded(tmp_path):
+    from secagg.wire.identity import hello_message
+
+    async with running_server(tmp_path, N, phase_seconds=5.0) as h:
+        channel = grpc.aio.secure_channel(h.address, grpc.ssl_channel_credentials(h.pki.ca_cert.read_bytes()))
+        call = channel.stream_stream("/secagg.v1.SecAgg/Participate", request_serializer=lambda b: b,
+                                     response_deserializer=pb.ServerMessage.FromString)()
+        first = await call.read()
+        await call.write(pb.ClientMessage(hello=pb.Hello(client_id=BAD, signature=sign(h.keys[BAD], hello_message(
+            first.challenge.nonce, BAD)))).SerializeToString())
+        await call.write(b"\xff\xff\xff\xff not a protobuf")
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await asyncio.wait_for(call.read(), 5.0)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unreadable message" in exc.value.details()
+        assert any(e.status == "INVALID_ARGUMENT" and "unreadable message" in e.reason for e in h.events(BAD))
+        assert BAD not in h.srv.coordinator.sessions   # the slot is free: the id may connect again
+        await channel.close()
