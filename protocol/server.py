@@ -87,6 +87,7 @@ class ServerMachine:
         self._u2: frozenset[int] = frozenset()
         self._u3: frozenset[int] = frozenset()
         self._commitments: dict[int, bytes] = {}
+        self._advertised_keys: set[bytes] = set()
         self.inconsistent: dict[int, str] = {}   # owner -> how its secret was recovered despite bad shares
         self.result: AggregateResult | None = None
         self.abort_reason = ""
@@ -143,7 +144,7 @@ class ServerMachine:
             raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: public keys must be 32 bytes")
         # A copied or small-order key would make every honest neighbour abort: one client must
         # not be able to sink the group, so the server refuses it here and the round goes on.
-        seen = {k for m in self.received[Phase.ADVERTISE_KEYS].values() for k in (m.c_public, m.s_public)}  # type: ignore[union-attr]
+        seen = self._advertised_keys
         if msg.c_public == msg.s_public or msg.c_public in seen or msg.s_public in seen:
             raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: public keys must be fresh and distinct")
         for pk in (msg.c_public, msg.s_public):
@@ -158,6 +159,7 @@ class ServerMachine:
                 signatures.verify(msg.identity, msg.signature, signatures.keys_message(self.config.session, msg.index, msg.c_public, msg.s_public), index=msg.index)
             except RemoteProtocolError as exc:
                 raise self._reject(msg.index, DropReason.BAD_SIGNATURE, str(exc)) from None
+        seen.update((msg.c_public, msg.s_public))
 
     def _on_share_keys(self, msg: ShareKeys) -> None:
         expected = self.neighbors[msg.index] & set(self._u1)
