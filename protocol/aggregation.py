@@ -7,7 +7,7 @@ the same decision whichever way its sums were computed.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,12 +63,13 @@ def combine_groups(
     params: EncodingParams,
     *,
     rule: str = "mean",
-    f: int = 0,
+    f: int | Callable[[list[int]], int] = 0,
     rule_params: Mapping[str, Any] | None = None,
 ) -> RoundDecision:
     """``sums`` maps group number -> (unmasked word sum, contributors).  Checks every group,
     then runs ``rule`` over the accepted group means (weighted by contributors where the rule
-    uses weights)."""
+    uses weights).  ``f`` may depend on which groups were accepted (a simulator knows which
+    hold attackers): pass a callable taking the accepted group numbers."""
     bounds = bounds_of(params)
     verdicts, means, weights, groups = [], [], [], []
     for g in sorted(sums):
@@ -82,8 +83,9 @@ def combine_groups(
             groups.append(g)
     if not means:
         return RoundDecision(tuple(verdicts), None, rule, (), {}, failure="no group passed the aggregate checks")
+    f_value = f(groups) if callable(f) else f
     try:
-        out = aggregate(rule, np.stack(means), f=min(f, len(means) - 1), weights=np.asarray(weights, dtype=float), **dict(rule_params or {}))
+        out = aggregate(rule, np.stack(means), f=min(f_value, len(means) - 1), weights=np.asarray(weights, dtype=float), **dict(rule_params or {}))
     except ValueError as exc:
         return RoundDecision(tuple(verdicts), None, rule, (), {}, failure=f"rule {rule} cannot run on {len(means)} accepted groups: {exc}")
     info = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in out.info.items()}

@@ -26,9 +26,8 @@ from functools import lru_cache
 import numpy as np
 
 from secagg.protocol import encoding
-from secagg.protocol.aggregation import bounds_of, combine_groups
+from secagg.protocol.aggregation import combine_groups
 from secagg.protocol.bench import make_config
-from secagg.protocol.checks import check_group_sum
 from secagg.protocol.driver import run_group
 from secagg.protocol.encoding import EncodingParams
 from secagg.protocol.messages import Mode, Phase
@@ -322,7 +321,6 @@ def run_in_memory(cfg: FLConfig, *, progress: Callable[[int, RoundMetrics], None
     fed = Federation(cfg)
     params_enc = cfg.encoding_params()
     mode = Mode(cfg.mode)
-    bounds = bounds_of(params_enc)
     model = fed.initial_params()
     history: list[RoundMetrics] = []
     for r in range(cfg.rounds):
@@ -345,15 +343,16 @@ def run_in_memory(cfg: FLConfig, *, progress: Callable[[int, RoundMetrics], None
                 reasons.append(f"abort group {g}: {aborted}")
                 continue
             sums[g], contributors[g] = (total, len(who)), who
-        # f: the accepted groups that hold an attacker (the simulator knows who is Byzantine)
-        accepted = []
-        for g, (words, n) in sums.items():
-            dec = encoding.decode(words, params_enc)
-            if check_group_sum(dec.total, dec.count, dec.sqnorm_total, n, bounds).accepted:
-                accepted.append(g)
-        bad = sum(1 for g in accepted if fed.byzantine_ids.intersection(contributors[g]))
-        f = min(bad if cfg.rule_f is None else cfg.rule_f, rule_f_cap(cfg.rule, len(accepted)))
-        decision = combine_groups(sums, params_enc, rule=cfg.rule, f=f, rule_params=cfg.rule_params)
+        used_f: list[int] = []
+
+        def f_for(accepted: list[int]) -> int:
+            """The accepted groups that hold an attacker (the simulator knows who is Byzantine)."""
+            bad = sum(1 for g in accepted if fed.byzantine_ids.intersection(contributors[g]))
+            used_f.append(min(bad if cfg.rule_f is None else cfg.rule_f, rule_f_cap(cfg.rule, len(accepted))))
+            return used_f[-1]
+
+        decision = combine_groups(sums, params_enc, rule=cfg.rule, f=f_for, rule_params=cfg.rule_params)
+        f = used_f[-1] if used_f else 0
         for v in decision.verdicts:
             reasons.extend(v.reasons)
         if decision.update is not None:
