@@ -122,5 +122,7 @@ class DecodedSum:
 
 
 def decode(words: np.ndarray, params: EncodingParams) -> DecodedSum:
-    s = to_signed(words).astype(np.float64)
-    return DecodedSum(total=s[:-EXTRA_COORDS] / params.scale, count=float(s[-2]), sqnorm_total=float(s[-1]) / params.sqnorm_scale)
+    signed = to_signed(words)
+    total = signed[:-EXTRA_COORDS].astype(np.float64)   # the one float copy of a D-vector
+    total /= params.scale
+    return DecodedSum(total=total, count=float(signed[-2]), sqnorm_total=float(signed[-1]) / params.sqnorm_scale)
