@@ -71,10 +71,15 @@ _REJECT_ONLY = frozenset({DropReason.DUPLICATE, DropReason.OUT_OF_PHASE})
 class ServerMachine:
     """Collects one group's messages phase by phase and unmasks the exact sum."""
 
-    def __init__(self, config: GroupConfig, *, identities: Mapping[int, bytes] | None = None) -> None:
+    def __init__(self, config: GroupConfig, *, identities: Mapping[int, bytes] | None = None,
+                 phase_seconds: float | None = None, now: float = 0.0) -> None:
+        """``phase_seconds`` and ``now`` inject time (aioquic's way): the machine says when its
+        phase is due (``deadline``, ``ready_to_close(now)``); the caller owns the clock."""
         if config.mode is Mode.ACTIVE and identities is None:
             raise LocalProtocolError("active mode needs the members' registered identity keys")
         self.config = config
+        self.phase_seconds = phase_seconds
+        self.deadline: float | None = None if phase_seconds is None else now + phase_seconds
         self.state = ServerState.RUNNING
         self.phase: Phase = Phase.ADVERTISE_KEYS
         self.neighbors = graph.build(config.members, config.neighbors, config.graph_seed)
@@ -197,8 +202,13 @@ class ServerMachine:
                 raise self._reject(u, DropReason.MALFORMED, f"client {u}: a share is not a field element")
 
     # -- phase transitions ---------------------------------------------------------------
-    def close_phase(self) -> dict[int, ServerMessage]:
-        """End the current phase (stragglers are dropped) and return what to send to whom."""
+    def ready_to_close(self, now: float) -> bool:
+        """Every expected message is in, or the phase deadline has passed."""
+        return not self.waiting_for() or (self.deadline is not None and now >= self.deadline)
+
+    def close_phase(self, now: float | None = None) -> dict[int, ServerMessage]:
+        """End the current phase (stragglers are dropped) and return what to send to whom;
+        with ``now`` the next phase's deadline starts then."""
         if self.state is not ServerState.RUNNING:
             raise LocalProtocolError(f"group is {self.state.value}")
         for late in self.waiting_for():
@@ -210,8 +220,11 @@ class ServerMachine:
         nxt = NEXT_PHASE[self.config.mode][self.phase]
         if nxt is None:
             self.state = ServerState.DONE
+            self.deadline = None
         else:
             self.phase = nxt
+            if self.phase_seconds is not None and now is not None:
+                self.deadline = now + self.phase_seconds
         return out
 
     def _close_advertise_keys(self) -> dict[int, ServerMessage]:

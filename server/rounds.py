@@ -290,7 +290,8 @@ class Coordinator:
             gc = self._group_config(round_id, number, len(members))
             sessions = {i + 1: s for i, s in enumerate(members)}
             identities = {i: s.identity for i, s in sessions.items()}
-            machine = ServerMachine(gc, identities=identities if gc.mode is Mode.ACTIVE else None)
+            machine = ServerMachine(gc, identities=identities if gc.mode is Mode.ACTIVE else None,
+                                    phase_seconds=cfg.phase_seconds, now=time.monotonic())
             g = GroupRun(round_id, number, gc, sessions, machine, cfg.chunk_words, asyncio.Semaphore(cfg.max_inflight))
             for i, s in sessions.items():
                 s.group, s.index = g, i
@@ -333,13 +334,12 @@ class Coordinator:
         while m.state is ServerState.RUNNING:
             phase = m.phase
             t0 = time.monotonic()
-            deadline = t0 + self.cfg.phase_seconds
-            while m.waiting_for() and (left := deadline - time.monotonic()) > 0:
+            while not m.ready_to_close(now := time.monotonic()):
                 g.changed.clear()
                 try:
-                    await asyncio.wait_for(g.changed.wait(), left)
+                    await asyncio.wait_for(g.changed.wait(), m.deadline - now)  # type: ignore[operator]
                 except TimeoutError:
-                    break
+                    pass
             for late in sorted(m.waiting_for()):
                 self.reject(g.members[late], DropReason.TIMEOUT, f"no {phase.label} message within the {self.cfg.phase_seconds:g} s deadline")
             try:
@@ -347,7 +347,7 @@ class Coordinator:
                     g.closing = True
                     out = await asyncio.to_thread(m.close_phase)
                 else:
-                    out = m.close_phase()
+                    out = m.close_phase(now=time.monotonic())
             except AbortError as exc:
                 g.error = str(exc)
                 log.warning("%s group %d aborted: %s", g.round_id, g.number, exc)

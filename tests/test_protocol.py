@@ -1127,3 +1127,21 @@ def test_server_refuses_a_non_client_message_with_local_protocol_error(msg: obje
     s = ServerMachine(make_config(5))
     with pytest.raises(LocalProtocolError, match="not a client message"):
         s.receive(msg)  # type: ignore[arg-type]
+
+
+def test_server_deadline_is_injected_time() -> None:
+    """The core never reads a clock: the caller passes ``now`` and asks whether the phase is due."""
+    cfg = make_config(4, seed=90)
+    clients = {i: ClientMachine(cfg, i) for i in range(1, 5)}
+    server = ServerMachine(cfg, phase_seconds=10.0, now=100.0)
+    assert server.deadline == 110.0 and not server.ready_to_close(now=109.9)
+    for i in (1, 2, 3):
+        server.receive(clients[i].advertise_keys())
+    assert not server.ready_to_close(now=105.0)          # client 4 is still expected
+    assert server.ready_to_close(now=110.0)              # ... but the deadline has come
+    out = server.close_phase(now=110.0)
+    assert set(out) == {1, 2, 3} and server.dropouts[4][1] is DropReason.TIMEOUT
+    assert server.deadline == 120.0 and server.phase is Phase.SHARE_KEYS
+    for i in (1, 2, 3):
+        server.receive(clients[i].share_keys(out[i]))  # type: ignore[arg-type]
+    assert server.ready_to_close(now=111.0)              # everyone expected has answered
