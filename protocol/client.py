@@ -53,12 +53,17 @@ TRANSITIONS: dict[str, tuple[frozenset[ClientState], ClientState]] = {
 }
 
 
+def add_masks(acc: np.ndarray, self_seed: bytes, pair_seeds: dict[int, bytes], index: int) -> None:
+    """acc += PRG(b_u) + sum_{v>u} PRG(s_uv) - sum_{v<u} PRG(s_uv) mod 2^k, in place: one expansion per seed."""
+    prg.accumulate(acc, self_seed)
+    for v in sorted(pair_seeds):
+        prg.accumulate(acc, pair_seeds[v], subtract=v < index)
+
+
 def mask_vector(dim: int, dtype: np.dtype, self_seed: bytes, pair_seeds: dict[int, bytes], index: int) -> np.ndarray:
-    """PRG(b_u) + sum_{v>u} PRG(s_uv) - sum_{v<u} PRG(s_uv) mod 2^k: one expansion per seed."""
+    """The mask alone (what ``masked_input`` adds to the encoded input)."""
     mask = np.zeros(dim, dtype=dtype)
-    prg.accumulate(mask, self_seed)
-    for v, seed in pair_seeds.items():
-        prg.accumulate(mask, seed, subtract=v < index)
+    add_masks(mask, self_seed, pair_seeds, index)
     return mask
 
 
@@ -227,9 +232,7 @@ class ClientMachine:
         if len(self._u2) < cfg.threshold:
             raise self._abort(f"only {len(self._u2)} share holders remain, threshold is {cfg.threshold}")
         y = encoded.copy()
-        prg.accumulate(y, self._self_seed)
-        for v in sorted(senders):
-            prg.accumulate(y, self._mask_seeds[v], subtract=v < self.index)
+        add_masks(y, self._self_seed, {v: self._mask_seeds[v] for v in senders}, self.index)
         return MaskedInput(self.index, y)
 
     # -- round 3 (active mode): consistency check ---------------------------------------

@@ -127,7 +127,7 @@ def run_group(
 
 def deterministic_randbytes(seed: bytes) -> Callable[[int], bytes]:
     """A reproducible randomness source (AES-CTR keystream under ``seed``) for tests and replays."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from .prg import _encryptor
 
-    stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    stream = _encryptor(seed)
     return lambda n: stream.update(bytes(n))
