@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "masked_input, consistency_check, unmasking, or random")
     p.add_argument("--groups", type=int, default=3)
     p.add_argument("--neighbors", type=int, default=0, help="SecAgg+ neighbour count (even); 0 = complete graph")
-    p.add_argument("--mode", choices=["semi-honest", "active"], default="semi-honest")
+    p.add_argument("--mode", choices=["semi-honest", "active"], default="active")
     p.add_argument("--threshold", type=float, default=0.0, help="0 = safe minimum; <1 fraction; >=1 absolute")
     p.add_argument("--processes", type=int, default=2, help="client worker processes")
     p.add_argument("--seed", type=int, default=0)

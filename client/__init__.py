@@ -4,7 +4,10 @@
     outcome = Client("host:50051", ca_cert="ca.pem", identity_key="me.identity", client_id="me").participate(update)
 """
 
-from .api import AsyncClient, Client, RoundInfo, RoundOutcome
-from .errors import ClientError, ConnectionFailed, Rejected, RoundAborted, RoundFailed
+from secagg.protocol.policy import ClientPolicy
 
-__all__ = ["AsyncClient", "Client", "ClientError", "ConnectionFailed", "Rejected", "RoundAborted", "RoundFailed", "RoundInfo", "RoundOutcome"]
+from .api import AsyncClient, Client, RoundInfo, RoundOutcome
+from .errors import ClientError, ConnectionFailed, PolicyRefused, Rejected, RoundAborted, RoundFailed
+
+__all__ = ["AsyncClient", "Client", "ClientError", "ClientPolicy", "ConnectionFailed", "PolicyRefused", "Rejected", "RoundAborted",
+           "RoundFailed", "RoundInfo", "RoundOutcome"]

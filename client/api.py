@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 from secagg.protocol.client import ClientMachine
+from secagg.protocol.graph import commit_contribution
+from secagg.protocol.policy import ClientPolicy, PolicyViolation
 from secagg.protocol.encoding import EncodingParams, encode
 from secagg.protocol.errors import AbortError, LocalProtocolError, RemoteProtocolError
 from secagg.protocol.messages import Phase
@@ -30,9 +33,10 @@ from secagg.protocol.signatures import sign
 from secagg.v1 import secagg_pb2 as pb
 from secagg.v1 import secagg_pb2_grpc as pb_grpc
 from secagg.wire import convert
-from secagg.wire.identity import CLIENT_ID, hello_message, load_identity_key
+from secagg.wire.identity import CLIENT_ID, hello_message, identity_public_key, load_identity_key, read_message
 
-from .errors import ClientError, ConnectionFailed, Rejected, RoundAborted, RoundFailed
+from .errors import ClientError, ConnectionFailed, PolicyRefused, Rejected, RoundAborted, RoundFailed
+from .tls import fetch_server_binding
 
 log = logging.getLogger("secagg.client")
 MAX_MESSAGE_BYTES = 8 << 20
@@ -94,8 +98,8 @@ class ClientSettings:
     retries: int = 5                         # connection attempts after the first
     backoff: float = 0.5                     # first retry delay, doubled each time (with jitter)
     wait_seconds: float = 300.0              # how long to wait in the lobby for a round
-    min_group_size: int = 2                  # our privacy floor: refuse smaller groups / sums
-    trusted_identities: Collection[bytes] | Mapping[str, bytes] | None = None   # keys, or client id -> key (pins seats)
+    policy: ClientPolicy = field(default_factory=ClientPolicy)   # what a round must satisfy (checked before any key exists)
+    trusted_identities: Collection[bytes] | Mapping[str, bytes] | None = None   # keys, or client id -> key (pins seats); implies active mode
     randbytes: Callable[[int], bytes] = field(default=os.urandom, repr=False)
 
 
@@ -105,7 +109,7 @@ class AsyncClient:
     def __init__(self, address: str, *, ca_cert: bytes | str | os.PathLike[str], identity_key: bytes | str | os.PathLike[str],
                  client_id: str, **options: object) -> None:
         self.settings = ClientSettings(address, ca_cert, identity_key, client_id, **options)  # type: ignore[arg-type]
-        if not CLIENT_ID.match(client_id):
+        if not CLIENT_ID.fullmatch(client_id):
             raise ClientError("client_id must match [A-Za-z0-9._-]{1,64}")
         key = self.settings.identity_key
         self._identity = key if isinstance(key, bytes) else load_identity_key(key)
@@ -116,6 +120,9 @@ class AsyncClient:
             certificate_chain=_read_bytes(s.client_cert, "client certificate"),
         )
         self._channel: grpc.aio.Channel | None = None
+        self._binding: bytes | None = None
+        if not isinstance(s.policy, ClientPolicy):
+            raise ClientError("policy must be a secagg.client.ClientPolicy")
 
     def __repr__(self) -> str:
         return f"AsyncClient({self.settings.address!r}, client_id={self.settings.client_id!r})"
@@ -155,14 +162,42 @@ class AsyncClient:
                 delay *= 2
         raise ConnectionFailed(f"cannot reach {s.address} after {s.retries + 1} attempts; is the server running and the CA right?")
 
+    async def server_binding(self) -> bytes:
+        """SHA-256 of the certificate the server presents, read over our own verified TLS connection:
+        hellos and reads are signed over it, so another server cannot relay them."""
+        if self._binding is None:
+            s = self.settings
+            self._binding = await asyncio.to_thread(
+                fetch_server_binding, s.address, _read_bytes(s.ca_cert, "CA certificate") or b"", s.server_name,
+                _read_bytes(s.client_cert, "client certificate"), _read_bytes(s.client_key, "client key"), s.connect_timeout)
+        return self._binding
+
+    async def _read_auth(self, method: str, argument: int = 0) -> pb.ReadAuth:
+        s = self.settings
+        binding = await self.server_binding()
+        ts = int(time.time() * 1000)
+        sig = sign(self._identity, read_message(method, binding, s.client_id, ts, argument))
+        return pb.ReadAuth(client_id=s.client_id, timestamp_ms=ts, server_binding=binding, signature=sig)
+
     async def get_model(self, version: int = 0) -> tuple[int, np.ndarray]:
-        """Download a model version (0: the latest)."""
+        """Download a model version (0: the latest); signed, size-bounded, SHA-256 and version checked."""
         stub = pb_grpc.SecAggStub(await self._connect())
-        parts, ver, dim, digest = [], 0, 0, ""
+        request = pb.GetModelRequest(version=version, auth=await self._read_auth("GetModel", version))
+        parts, ver, dim, digest, got = [], 0, 0, "", 0
+        limit = self.settings.policy.max_dim
         try:
-            async for chunk in stub.GetModel(pb.GetModelRequest(version=version), timeout=self.settings.wait_seconds):
-                if chunk.offset == 0:
+            async for chunk in stub.GetModel(request, timeout=self.settings.wait_seconds):
+                if not parts:
                     ver, dim, digest = chunk.version, chunk.dim, chunk.digest
+                    if dim > limit:
+                        raise ClientError(f"model v{ver} announces {dim} values, more than this client's max_dim {limit}")
+                    if version and ver != version:
+                        raise ClientError(f"asked for model v{version}, the server sent v{ver}")
+                if chunk.offset != got or len(chunk.values) % 8:
+                    raise ClientError(f"model v{ver} arrived out of order or in ragged chunks; download it again")
+                got += len(chunk.values) // 8
+                if got > dim:
+                    raise ClientError(f"model v{ver} sent more than its announced {dim} values")
                 parts.append(np.frombuffer(chunk.values, dtype="<f8"))
         except grpc.aio.AioRpcError as exc:
             raise Rejected(exc.code().name, exc.details() or "") from None
@@ -171,11 +206,16 @@ class AsyncClient:
             raise ClientError(f"model v{ver} arrived with {values.size} of {dim} values")
         if hashlib.sha256(values.astype("<f8").tobytes()).hexdigest() != digest:
             raise ClientError(f"model v{ver} failed its SHA-256 check; download it again")
+        if not np.all(np.isfinite(values)):
+            raise ClientError(f"model v{ver} contains NaN or infinity; refusing it")
         return ver, values.astype(np.float64)
 
     async def status(self) -> pb.StatusReply:
         stub = pb_grpc.SecAggStub(await self._connect())
-        return await stub.GetStatus(pb.StatusRequest(), timeout=self.settings.connect_timeout)
+        try:
+            return await stub.GetStatus(pb.StatusRequest(auth=await self._read_auth("GetStatus")), timeout=self.settings.connect_timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise Rejected(exc.code().name, exc.details() or "") from None
 
     async def participate(self, update: UpdateSource, *, on_phase: Callable[[Phase], None] | None = None,
                           fetch_model: bool = False, rounding_seed: bytes | None = None,
@@ -202,6 +242,16 @@ class AsyncClient:
         finally:
             call.cancel()
 
+    def _trust_anchors(self, member_ids: Collection[str]) -> tuple[frozenset[bytes] | None, dict[int, bytes] | None]:
+        """The app's trusted keys (our own included), or seat -> key pins from a client id -> key map."""
+        trusted, own = self.settings.trusted_identities, identity_public_key(self._identity)
+        if trusted is None:
+            return None, None
+        if isinstance(trusted, Mapping):
+            keys = {**trusted, self.settings.client_id: own}
+            return None, {i + 1: keys[mid] for i, mid in enumerate(member_ids) if mid in keys}
+        return frozenset(trusted) | {own}, None
+
     @staticmethod
     def _check_update(update: object) -> np.ndarray:
         x = np.asarray(update, dtype=np.float64).ravel()
@@ -227,21 +277,30 @@ class AsyncClient:
     async def _run(self, call: grpc.aio.StreamStreamCall, update: UpdateSource, on_phase: Callable[[Phase], None] | None,
                    fetch_model: bool, rounding_seed: bytes | None, encoder: Encoder | None) -> RoundOutcome:
         s = self.settings
+        binding = await self.server_binding()
+        contribution = s.randbytes(32)            # fresh this round: fixes our ring position and the config digest
         first = await self._read(call, s.connect_timeout, "challenge")
         if first.WhichOneof("body") != "challenge":
             raise ClientError("server did not start with a challenge; is this a secagg server?")
+        commitment = commit_contribution(contribution)
         await self._write(call, pb.ClientMessage(hello=pb.Hello(
-            client_id=s.client_id, library_version="secagg/0.1",
-            signature=sign(self._identity, hello_message(first.challenge.nonce, s.client_id)))))
+            client_id=s.client_id, library_version="secagg/0.1", server_binding=binding, contribution_commitment=commitment,
+            signature=sign(self._identity, hello_message(first.challenge.nonce, s.client_id, binding, commitment)))))
         msg = await self._read(call, s.wait_seconds, "round configuration")
         if msg.WhichOneof("body") != "round_config":
             raise ClientError(f"expected the round configuration, got {msg.WhichOneof('body')}")
         rc = msg.round_config
         try:
             cfg = convert.group_config_from_pb(rc)
+            s.policy.check(cfg, pinned=s.trusted_identities is not None)   # before any key, graph or vector exists
             params = convert.encoding_from_pb(rc.encoding)
-        except convert.WireError as exc:
-            raise ClientError(f"unusable round configuration: {exc}") from None
+            if cfg.member_ids[rc.index - 1] != s.client_id:
+                raise AbortError(f"the round configuration seats {cfg.member_ids[rc.index - 1]!r} where we are; refusing")
+        except (convert.WireError, AbortError) as exc:
+            await self._write(call, pb.ClientMessage(abort=pb.ClientAbort(reason=str(exc)[:200])))
+            if isinstance(exc, PolicyViolation):
+                raise PolicyRefused(exc.setting, exc.offered, exc.required, str(exc)) from None
+            raise RoundAborted(str(exc)) from None
         info = RoundInfo(rc.round_id, rc.model_version, cfg.dim - 2, rc.group, rc.index, cfg.members, params)
         if not isinstance(update, np.ndarray):
             produced = update(info)
@@ -253,12 +312,9 @@ class AsyncClient:
             raise ClientError(f"update has {update.size} values but round {rc.round_id} needs {info.dim}")
         timeout = max(rc.phase_timeout_seconds, 1.0) * 3
         try:
-            trusted, pinned = s.trusted_identities, None
-            if isinstance(trusted, Mapping):  # pin each seat to the key we know for that member id
-                pinned = {i + 1: trusted[mid] for i, mid in enumerate(rc.member_ids) if mid in trusted}
-                trusted = None
-            machine = ClientMachine(cfg, rc.index, identity_key=self._identity, trusted_identities=trusted,
-                                    pinned_identities=pinned, min_group_size=s.min_group_size, randbytes=s.randbytes)
+            trusted, pinned = self._trust_anchors(rc.member_ids)
+            machine = ClientMachine(cfg, rc.index, contribution=contribution, identity_key=self._identity, trusted_identities=trusted,
+                                    pinned_identities=pinned, policy=s.policy, randbytes=s.randbytes)
             seed = rounding_seed or s.randbytes(32)
             encoded = encoder(update, params, cfg.members, seed) if encoder else encode(update, params, cfg.members, rounding_seed=seed)
 
@@ -333,4 +389,4 @@ class Client:
         return self._run("status")  # type: ignore[return-value]
 
 
-__all__ = ["AsyncClient", "Client", "RoundInfo", "RoundOutcome", "RoundFailed"]
+__all__ = ["AsyncClient", "Client", "ClientPolicy", "RoundInfo", "RoundOutcome", "RoundFailed"]

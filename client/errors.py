@@ -24,6 +24,14 @@ class RoundAborted(ClientError):
     """We refused to go on (unsafe threshold, too few peers, bad signatures...)."""
 
 
+class PolicyRefused(RoundAborted):
+    """The server offered a round weaker than our ClientPolicy; ``setting`` names what."""
+
+    def __init__(self, setting: str, offered: object, required: str, message: str) -> None:
+        super().__init__(message)
+        self.setting, self.offered, self.required = setting, offered, required
+
+
 class RoundFailed(ClientError):
     """The round ended without a new model (aborted or all groups rejected); see ``outcome``."""
 

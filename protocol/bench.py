@@ -66,7 +66,6 @@ def make_config(clients: int, dim: int, mode: Mode, neighbors: int | None, param
         modulus_bits=params.modulus_bits(clients),
         mode=mode,
         neighbors=None if neighbors is None or neighbors >= clients - 1 else neighbors,
-        graph_seed=os.urandom(32),
     )
 
 
@@ -107,7 +106,7 @@ def report(cfg: GroupConfig, run: GroupRun, inputs: dict[int, np.ndarray], unit:
         for i in survivors:
             expected += inputs[i]
         correct = bool(np.array_equal(expected, run.result.total))
-    degree = cfg.members - 1 if cfg.neighbors is None else cfg.neighbors
+    degree = cfg.degree
     u2 = run.survivors.get(Phase.SHARE_KEYS, frozenset())
     dropped_after_sharing = len(u2 - survivors)
     bounds = {

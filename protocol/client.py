@@ -14,9 +14,10 @@ from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 
-from . import aead, graph, prg, shamir, signatures, thresholds
+from . import aead, graph, prg, shamir, signatures
 from .errors import AbortError, LocalProtocolError, RemoteProtocolError
 from .keys import KeyPair, Purpose, generate_keypair, pair_keys
+from .policy import ClientPolicy
 from .messages import (
     AdvertiseKeys,
     ConsistencyRequest,
@@ -75,38 +76,42 @@ class ClientMachine:
         config: GroupConfig,
         index: int,
         *,
+        contribution: bytes,
         identity_key: bytes | None = None,
         trusted_identities: Collection[bytes] | None = None,
         pinned_identities: Mapping[int, bytes] | None = None,
-        min_group_size: int = 2,
+        policy: ClientPolicy | None = None,
         randbytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
+        """``contribution`` is the 32 random bytes whose commitment this client sent before the
+        configuration existed; ``policy`` (ClientPolicy() by default) is checked first, before
+        any key, graph or vector exists."""
+        self.policy = ClientPolicy() if policy is None else policy
+        pinned = bool(trusted_identities is not None or pinned_identities)
+        self.policy.check(config, pinned=pinned)          # raises PolicyViolation (an AbortError)
         if not 1 <= index <= config.members:
             raise LocalProtocolError(f"index {index} outside 1..{config.members}")
+        if graph.commit_contribution(contribution) != config.commitments[index - 1]:
+            raise AbortError(f"client {index}: the round configuration does not carry our commitment at our seat "
+                             "(replayed or forged configuration)")
         if config.mode is Mode.ACTIVE and identity_key is None:
             raise LocalProtocolError("active mode needs the client's Ed25519 identity key")
         self.config = config
         self.index = index
         self.state = ClientState.READY
+        self._contribution = contribution
         self._identity_key = identity_key
         self._trusted = None if trusted_identities is None else frozenset(trusted_identities)
         self._pinned = None if pinned_identities is None else dict(pinned_identities)  # index -> key, out of band
         self._randbytes = randbytes
-        self.neighbors = graph.build(config.members, config.neighbors, config.graph_seed)[index]
-        holders = len(self.neighbors) + 1
-        if config.members < min_group_size:
-            raise AbortError(f"group of {config.members} is below this client's privacy floor of {min_group_size}")
-        self._min_group = min_group_size
-        t_min = thresholds.minimum(holders, config.mode)
-        if not t_min <= config.threshold <= holders:
-            raise AbortError(
-                f"threshold {config.threshold} is unsafe for {holders} share holders in {config.mode.value} mode "
-                f"(need {t_min}..{holders})"
-            )
+        # SecAgg+: the ring depends on the contributions opened with the keys, so it is known
+        # only at share_keys; the complete graph is known now.
+        self.neighbors: frozenset[int] = frozenset() if config.sparse else frozenset(range(1, config.members + 1)) - {index}
         self._c: KeyPair | None = None
         self._s: KeyPair | None = None
         self._self_seed = b""
         self._peers: dict[int, AdvertiseKeys] = {}          # U1 ∩ neighbours (and self)
+        self._u1: frozenset[int] = frozenset()              # every member whose keys the server says it forwarded
         self._u2: frozenset[int] = frozenset()              # neighbours that sent us shares (and self)
         self._held_b: dict[int, bytes] = {}                 # owner -> our share of b_owner
         self._held_s: dict[int, bytes] = {}                 # owner -> our share of s_owner
@@ -149,9 +154,9 @@ class ClientMachine:
         sig, ident = b"", b""
         if self.config.mode is Mode.ACTIVE:
             assert self._identity_key is not None
-            msg = signatures.keys_message(self.config.session, self.index, self._c.public, self._s.public)
+            msg = signatures.keys_message(self.config.digest, self.index, self._c.public, self._s.public)
             sig, ident = signatures.sign(self._identity_key, msg), signatures.public_key(self._identity_key)
-        return AdvertiseKeys(self.index, self._c.public, self._s.public, sig, ident)
+        return AdvertiseKeys(self.index, self._c.public, self._s.public, sig, ident, self._contribution)
 
     # -- round 1: share keys -----------------------------------------------------------
     def share_keys(self, broadcast: KeysBroadcast) -> ShareKeys:
@@ -159,11 +164,20 @@ class ClientMachine:
 
     def _share(self, broadcast: KeysBroadcast) -> ShareKeys:
         assert self._c is not None and self._s is not None
+        cfg = self.config
+        if cfg.sparse:
+            self._place_on_ring(broadcast.contributions)
+        else:
+            self._u1 = frozenset(k.index for k in broadcast.keys)
         peers: dict[int, AdvertiseKeys] = {}
         for k in broadcast.keys:
+            if not 1 <= k.index <= cfg.members:
+                raise self._abort(f"server sent keys for index {k.index}, outside 1..{cfg.members}")
             if k.index in peers:
                 raise self._abort(f"server sent two key sets for client {k.index}")
             if k.index in self._holders:
+                if k.index not in self._u1:
+                    raise self._abort(f"server sent keys of client {k.index} but no opened contribution for it")
                 peers[k.index] = k
         mine = peers.get(self.index)
         if mine is None or (mine.c_public, mine.s_public) != (self._c.public, self._s.public):
@@ -171,7 +185,7 @@ class ClientMachine:
         publics = [p.c_public for p in peers.values()] + [p.s_public for p in peers.values()]
         if len(set(publics)) != len(publics):
             raise self._abort("two advertised public keys are equal; refusing (possible key substitution)")
-        if self.config.mode is Mode.ACTIVE:
+        if cfg.mode is Mode.ACTIVE:
             identities = [p.identity for p in peers.values()]
             if len(set(identities)) != len(identities):
                 raise self._abort("one identity key signs for several members; refusing (a sybil fills the group)")
@@ -180,14 +194,14 @@ class ClientMachine:
                     raise self._abort(f"client {p.index}'s identity key is not the one pinned for that member")
                 if self._trusted is not None and p.identity not in self._trusted:
                     raise self._abort(f"client {p.index}'s identity key is not one we trust")
-                signatures.verify(p.identity, p.signature, signatures.keys_message(self.config.session, p.index, p.c_public, p.s_public), index=p.index)
+                signatures.verify(p.identity, p.signature, signatures.keys_message(cfg.digest, p.index, p.c_public, p.s_public), index=p.index)
         if len(peers) < self.config.threshold:
             raise self._abort(f"only {len(peers)} of our share holders advertised keys, threshold is {self.config.threshold}")
         self._peers = peers
         # Key agreement happens as soon as the keys arrive, so the masked-input phase, the one
         # that holds the user's data, does nothing but PRG expansions and additions.
         others = {v: p for v, p in peers.items() if v != self.index}
-        session = self.config.session
+        session = self.config.digest
         try:
             self._share_keys = pair_keys(self._c.private, {v: p.c_public for v, p in others.items()}, session=session, purpose=Purpose.SHARE_ENCRYPTION, u=self.index)
             self._mask_seeds = pair_keys(self._s.private, {v: p.s_public for v, p in others.items()}, session=session, purpose=Purpose.MASK_SEED, u=self.index)
@@ -203,9 +217,26 @@ class ClientMachine:
             if v == self.index:
                 self._held_b[v], self._held_s[v] = b_share.to_bytes(), s_share.to_bytes()
                 continue
-            ct = aead.seal(self._share_keys[v], plaintext, session=self.config.session, sender=self.index, receiver=v, nonce=self._randbytes(aead.NONCE_BYTES))
+            ct = aead.seal(self._share_keys[v], plaintext, session=session, sender=self.index, receiver=v, nonce=self._randbytes(aead.NONCE_BYTES))
             out.append(EncryptedShare(self.index, v, ct))
-        return ShareKeys(self.index, tuple(out), signatures.self_mask_commitment(self.config.session, self.index, self._self_seed))
+        return ShareKeys(self.index, tuple(out), signatures.self_mask_commitment(session, self.index, self._self_seed))
+
+    def _place_on_ring(self, contributions: tuple[bytes, ...]) -> None:
+        """SecAgg+: check every opened contribution against its commitment, then find our neighbours."""
+        cfg = self.config
+        if len(contributions) != cfg.members:
+            raise self._abort(f"server sent {len(contributions)} contributions for {cfg.members} members")
+        opened = {}
+        for seat, value in enumerate(contributions, start=1):
+            if not value:
+                continue
+            if len(value) != 32 or graph.commit_contribution(value) != cfg.commitments[seat - 1]:
+                raise self._abort(f"member {seat}'s contribution does not open its commitment (forged ring)")
+            opened[seat] = value
+        if opened.get(self.index) != self._contribution:
+            raise self._abort("server did not forward our own contribution")
+        self._u1 = frozenset(opened)
+        self.neighbors = graph.neighbourhood(graph.ring_order(cfg, opened), cfg.degree, self.index)
 
     # -- round 2: masked input ---------------------------------------------------------
     def masked_input(self, delivery: SharesDelivery, encoded: np.ndarray) -> MaskedInput:
@@ -223,7 +254,7 @@ class ClientMachine:
             v = es.sender
             if es.receiver != self.index or v not in self._peers or v == self.index or v in senders:
                 raise self._abort(f"unexpected share from client {v} to {es.receiver}")
-            plain = aead.open_(self._share_keys[v], es.ciphertext, session=cfg.session, sender=v, receiver=self.index)
+            plain = aead.open_(self._share_keys[v], es.ciphertext, session=cfg.digest, sender=v, receiver=self.index)
             if len(plain) != 2 * shamir.SHARE_BYTES:
                 raise RemoteProtocolError(f"share plaintext from client {v} has the wrong length", index=v)
             self._held_b[v], self._held_s[v] = plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :]
@@ -245,15 +276,25 @@ class ClientMachine:
         self._check_survivors(request.survivors)
         self._survivors = request.survivors
         assert self._identity_key is not None
-        sig = signatures.sign(self._identity_key, signatures.consistency_message(self.config.session, request.survivors))
+        sig = signatures.sign(self._identity_key, self._consistency_message(self.index, request.survivors))
         return ConsistencySignature(self.index, sig)
 
+    def _consistency_message(self, signer: int, survivors: frozenset[int]) -> bytes:
+        keys = self._peers[signer]
+        return signatures.consistency_message(self.config.digest, signer, keys.c_public, keys.s_public, survivors, self._u1)
+
     def _check_survivors(self, survivors: frozenset[int]) -> None:
+        """Privacy floor: count only survivors that are members and hold our shares (U2)."""
+        m = self.config.members
+        strangers = sorted(i for i in survivors if not 1 <= i <= m)
+        if strangers:
+            raise self._abort(f"server's survivor set names indices {strangers[:5]} outside 1..{m}")
         if self.index not in survivors:
             raise self._abort("server's survivor set does not include us")
-        if len(survivors) < self._min_group:
-            raise self._abort(f"only {len(survivors)} inputs would be summed, below our privacy floor of {self._min_group}")
         local = survivors & self._u2
+        if len(local) < self.policy.min_group_size:
+            raise self._abort(f"only {len(local)} of the inputs summed are from members holding our shares, "
+                              f"below our privacy floor of {self.policy.min_group_size}")
         if len(local) < self.config.threshold:
             raise self._abort(f"only {len(local)} of our share holders survived, threshold is {self.config.threshold}")
 
@@ -272,17 +313,16 @@ class ClientMachine:
             self._verify_consistency(request)
         self._check_survivors(survivors)
         b = tuple((v, self._held_b[v]) for v in sorted(survivors & self._u2))
-        s = tuple((v, self._held_s[v]) for v in sorted(dropped & self._u2))
+        s = tuple((v, self._held_s[v]) for v in sorted(dropped & self._u2 - {self.index}))
         return UnmaskResponse(self.index, b, s)
 
     def _verify_consistency(self, request: UnmaskRequest) -> None:
-        msg = signatures.consistency_message(self.config.session, request.survivors)
         valid = set()
         for cs in request.signatures:
             peer = self._peers.get(cs.index)
-            if peer is None:
-                continue  # not in our neighbourhood: we hold no identity for it
-            signatures.verify(peer.identity, cs.signature, msg, index=cs.index)
+            if peer is None or cs.index not in request.survivors:
+                continue  # not in our neighbourhood (we hold no keys for it), or not a survivor
+            signatures.verify(peer.identity, cs.signature, self._consistency_message(cs.index, request.survivors), index=cs.index)
             valid.add(cs.index)
-        if len(valid & request.survivors) < self.config.threshold:
-            raise self._abort(f"only {len(valid)} valid consistency signatures, threshold is {self.config.threshold}")
+        if len(valid) < self.config.threshold:
+            raise self._abort(f"only {len(valid)} valid consistency signatures from our neighbours, threshold is {self.config.threshold}")

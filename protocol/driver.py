@@ -7,6 +7,7 @@ produce bit-identical aggregates for the same seeds.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .client import ClientMachine
+from .graph import commit_contribution
+from .policy import ClientPolicy
 from .errors import AbortError, DropReason, RemoteProtocolError
 from .messages import AggregateResult, GroupConfig, Mode, Phase, wire_size
 from .server import ServerMachine
@@ -44,6 +47,16 @@ class GroupRun:
     client_aborts: dict[int, str] = field(default_factory=dict)
     rejections: dict[int, str] = field(default_factory=dict)   # messages the server refused
     survivors: dict[Phase, frozenset[int]] = field(default_factory=dict)
+    config: GroupConfig | None = None       # what ran: the given config with the members' commitments
+
+
+def with_contributions(config: GroupConfig, randbytes: Callable[[int], bytes] | Mapping[int, Callable[[int], bytes]] = os.urandom
+                       ) -> tuple[GroupConfig, dict[int, bytes]]:
+    """Draw each member's contribution and put its commitment in the configuration (what the
+    gRPC server does with the commitments from the members' hellos)."""
+    contributions = {i: (randbytes[i] if isinstance(randbytes, Mapping) else randbytes)(32) for i in range(1, config.members + 1)}
+    commitments = tuple(commit_contribution(contributions[i]) for i in range(1, config.members + 1))
+    return dataclasses.replace(config, commitments=commitments), contributions
 
 
 def run_group(
@@ -53,13 +66,21 @@ def run_group(
     drops: Mapping[Phase, set[int] | frozenset[int]] | None = None,
     identity_keys: Mapping[int, bytes] | None = None,
     randbytes: Callable[[int], bytes] | Mapping[int, Callable[[int], bytes]] = os.urandom,
-    min_group_size: int = 2,
+    policy: ClientPolicy | None = None,
+    contributions: Mapping[int, bytes] | None = None,
 ) -> GroupRun:
     """Run one group's protocol.  ``drops[p]`` are the clients that vanish before sending phase p.
 
     ``inputs`` are encoded vectors (config.dim words of config.dtype) for indices 1..m.
     ``randbytes`` is os.urandom, or one deterministic source per client index for test vectors.
+    ``policy`` is every client's (``ClientPolicy.lenient()`` by default: the in-memory server is
+    honest).  A config without commitments gets fresh contributions (``with_contributions``).
     """
+    if contributions is None:
+        if config.commitments:
+            raise ValueError("a config with commitments needs the members' contributions")
+        config, contributions = with_contributions(config, randbytes)
+    policy = ClientPolicy.lenient() if policy is None else policy
     drops = {p: frozenset(v) for p, v in (drops or {}).items()}
     identities = None
     if config.mode is Mode.ACTIVE:
@@ -69,11 +90,12 @@ def run_group(
             raise ValueError("active mode needs identity_keys")
         identities = {i: public_key(k) for i, k in identity_keys.items()}
     stats = {p: PhaseStats() for p in Phase}
-    run = GroupRun(None, stats)
+    run = GroupRun(None, stats, config=config)
     clients: dict[int, ClientMachine] = {}
     for i in range(1, config.members + 1):
         rb = randbytes[i] if isinstance(randbytes, Mapping) else randbytes
-        clients[i] = ClientMachine(config, i, identity_key=(identity_keys or {}).get(i), min_group_size=min_group_size, randbytes=rb)
+        clients[i] = ClientMachine(config, i, contribution=contributions[i], identity_key=(identity_keys or {}).get(i),
+                                   policy=policy, randbytes=rb)
     server = ServerMachine(config, identities=identities)
     inbox: dict[int, object] = {i: None for i in clients}
 

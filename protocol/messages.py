@@ -8,7 +8,9 @@ the benchmark's bytes-per-phase figures.
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 
 import numpy as np
 
@@ -32,30 +34,68 @@ class Phase(enum.IntEnum):
 
 @dataclass(frozen=True)
 class GroupConfig:
-    """One secure-aggregation instance: what every member must agree on before it starts."""
+    """One secure-aggregation instance: what every member must agree on before it starts.
 
-    session: bytes              # unique per round and group: HKDF salt, AEAD and signature binding
+    The server chooses every field, so a client checks them against its own policy
+    (``policy.ClientPolicy``) and binds everything it signs or derives to ``digest``, a hash of
+    the whole configuration that includes each member's fresh commitment: nothing signed in one
+    round or group is valid in another, and two clients told different configurations derive
+    different keys.
+    """
+
+    session: bytes              # server randomness, unique per round and group
     members: int                # m; members are indexed 1..m
     threshold: int              # t: shares needed to reconstruct a secret
     dim: int                    # length of the encoded vector, extra coordinates included
     modulus_bits: int = 32      # 32 or 64: arithmetic mod 2^k in the numpy word
-    mode: Mode = Mode.SEMI_HONEST
+    mode: Mode = Mode.ACTIVE
     neighbors: int | None = None   # None: complete graph; else SecAgg+ k-regular graph
-    graph_seed: bytes = b"\x00" * 32
+    commitments: tuple[bytes, ...] = ()   # seat i-1: SHA-256 commitment to member i's contribution
+    member_ids: tuple[str, ...] = ()      # seat i-1: member i's registered client id (the PKI view)
+    context: bytes = b""                  # digest of the round's other announced settings
 
     def __post_init__(self) -> None:
-        if len(self.session) < 16 or len(self.graph_seed) != 32:
-            raise ValueError("session must be at least 16 bytes and graph_seed 32 bytes")
-        if self.members < 2 or self.dim < 1 or self.threshold < 1:  # safe ranges: ClientMachine
+        if len(self.session) < 16:
+            raise ValueError("session must be at least 16 bytes")
+        if self.members < 2 or self.dim < 1 or self.threshold < 1:  # safe ranges: ClientPolicy
             raise ValueError(f"inconsistent group: members={self.members}, threshold={self.threshold}, dim={self.dim}")
         if self.modulus_bits not in (32, 64):
             raise ValueError(f"modulus_bits must be 32 or 64, got {self.modulus_bits}")
         if self.neighbors is not None and (self.neighbors < 2 or self.neighbors % 2):
             raise ValueError(f"neighbors must be None or an even number >= 2, got {self.neighbors}")
+        if self.commitments and (len(self.commitments) != self.members or any(len(c) != 32 for c in self.commitments)):
+            raise ValueError(f"commitments must be one 32-byte value per member ({self.members})")
+        if self.member_ids and len(self.member_ids) != self.members:
+            raise ValueError(f"member_ids must name every member ({self.members}), got {len(self.member_ids)}")
 
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(np.uint32 if self.modulus_bits == 32 else np.uint64)
+
+    @property
+    def degree(self) -> int:
+        """Neighbours per member: m - 1 for the complete graph, else k."""
+        return self.members - 1 if self.neighbors is None or self.neighbors >= self.members - 1 else self.neighbors
+
+    @property
+    def sparse(self) -> bool:
+        return self.degree < self.members - 1
+
+    @cached_property
+    def digest(self) -> bytes:
+        """SHA-256 over a canonical encoding of every field: the binding of signatures, keys, AEAD."""
+        h = hashlib.sha256(b"secagg/v1|group-config")
+        def put(b: bytes) -> None:
+            h.update(len(b).to_bytes(4, "big") + b)
+        for b in (self.session, self.context, self.mode.value.encode()):
+            put(b)
+        for n in (self.members, self.threshold, self.dim, self.modulus_bits, self.neighbors or 0, len(self.commitments)):
+            put(n.to_bytes(8, "big"))
+        for c in self.commitments:
+            put(c)
+        for mid in self.member_ids:
+            put(mid.encode())
+        return h.digest()
 
 
 @dataclass(frozen=True)
@@ -65,11 +105,13 @@ class AdvertiseKeys:
     s_public: bytes                 # X25519, pairwise masks
     signature: bytes = b""          # active mode: Ed25519 over keys_message(...)
     identity: bytes = b""           # active mode: the signer's registered Ed25519 public key
+    contribution: bytes = b""       # the member's fresh randomness, opening its commitment
 
 
 @dataclass(frozen=True)
 class KeysBroadcast:
     keys: tuple[AdvertiseKeys, ...]  # U1, restricted to the receiver's neighbourhood
+    contributions: tuple[bytes, ...] = ()   # SecAgg+: seat i-1's opened contribution, b"" if it sent no keys
 
 
 @dataclass(frozen=True)

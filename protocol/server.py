@@ -82,7 +82,8 @@ class ServerMachine:
         self.deadline: float | None = None if phase_seconds is None else now + phase_seconds
         self.state = ServerState.RUNNING
         self.phase: Phase = Phase.ADVERTISE_KEYS
-        self.neighbors = graph.build(config.members, config.neighbors, config.graph_seed)
+        # SecAgg+: the ring is fixed by the contributions opened with the keys (close of advertise).
+        self.neighbors: dict[int, frozenset[int]] = {} if config.sparse else graph.complete(config.members)
         self._identities = dict(identities or {})
         self.alive: set[int] = set(range(1, config.members + 1))
         self.received: dict[Phase, dict[int, ClientMessage]] = {p: {} for p in Phase}
@@ -157,11 +158,13 @@ class ServerMachine:
                 agree(_PROBE_KEY, pk)
             except ValueError:
                 raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: invalid (small-order) X25519 public key") from None
+        if self.config.commitments and graph.commit_contribution_or_none(msg.contribution) != self.config.commitments[msg.index - 1]:
+            raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: contribution does not open its commitment")
         if self.config.mode is Mode.ACTIVE:
             if msg.identity != self._identities.get(msg.index):
                 raise self._reject(msg.index, DropReason.BAD_SIGNATURE, f"client {msg.index}: identity key is not the registered one")
             try:
-                signatures.verify(msg.identity, msg.signature, signatures.keys_message(self.config.session, msg.index, msg.c_public, msg.s_public), index=msg.index)
+                signatures.verify(msg.identity, msg.signature, signatures.keys_message(self.config.digest, msg.index, msg.c_public, msg.s_public), index=msg.index)
             except RemoteProtocolError as exc:
                 raise self._reject(msg.index, DropReason.BAD_SIGNATURE, str(exc)) from None
         seen.update((msg.c_public, msg.s_public))
@@ -185,7 +188,9 @@ class ServerMachine:
 
     def _on_consistency_check(self, msg: ConsistencySignature) -> None:
         try:
-            signatures.verify(self._identities[msg.index], msg.signature, signatures.consistency_message(self.config.session, self._u3), index=msg.index)
+            keys = self._u1[msg.index]
+            body = signatures.consistency_message(self.config.digest, msg.index, keys.c_public, keys.s_public, self._u3, frozenset(self._u1))
+            signatures.verify(self._identities[msg.index], msg.signature, body, index=msg.index)
         except RemoteProtocolError as exc:
             raise self._reject(msg.index, DropReason.BAD_SIGNATURE, str(exc)) from None
 
@@ -229,7 +234,13 @@ class ServerMachine:
 
     def _close_advertise_keys(self) -> dict[int, ServerMessage]:
         self._u1 = dict(self.received[Phase.ADVERTISE_KEYS])  # type: ignore[arg-type]
-        return {u: KeysBroadcast(tuple(self._u1[v] for v in sorted(self.holders(u) & set(self._u1)))) for u in self._u1}
+        opened: tuple[bytes, ...] = ()
+        if self.config.sparse:
+            reveals = {u: k.contribution for u, k in self._u1.items()}
+            self.neighbors = graph.harary(graph.ring_order(self.config, reveals), self.config.degree)
+            opened = tuple(reveals.get(u, b"") for u in range(1, self.config.members + 1))
+        u1 = set(self._u1)
+        return {u: KeysBroadcast(tuple(self._u1[v] for v in sorted(self.holders(u) & u1)), opened) for u in self._u1}
 
     def _close_share_keys(self) -> dict[int, ServerMessage]:
         sent: dict[int, ShareKeys] = self.received[Phase.SHARE_KEYS]  # type: ignore[assignment]
@@ -305,7 +316,7 @@ class ServerMachine:
 
         cfg = self.config
         total = self._sum.copy()
-        session = cfg.session
+        session = cfg.digest
         for u in sorted(self._u3):
             commitment = self._commitments[u]
             seed = recover(u, b_shares.get(u, {}), "self-mask seed",
@@ -315,7 +326,7 @@ class ServerMachine:
             public = self._u1[v].s_public
             s_private = recover(v, s_shares.get(v, {}), "mask key", lambda k, p=public: KeyPair.from_private(k).public == p)
             peers = {w: self._u1[w].s_public for w in sorted(self._u3 & self.neighbors[v])}
-            for w, seed in pair_keys(s_private, peers, session=cfg.session, purpose=Purpose.MASK_SEED, u=v).items():
+            for w, seed in pair_keys(s_private, peers, session=session, purpose=Purpose.MASK_SEED, u=v).items():
                 prg.accumulate(total, seed, subtract=v > w)  # w added PRG(s_wv) iff v > w
         dropped = {i: (p, r.value) for i, (p, r, _) in self.dropouts.items()}
         return AggregateResult(total=total, survivors=self._u3, responders=frozenset(responses), dropped=dropped)

@@ -5,6 +5,8 @@ Verification raises (pyca's rule: a result that must not be ignored is an except
 
 from __future__ import annotations
 
+import hashlib
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -31,20 +33,26 @@ def verify(public: bytes, signature: bytes, message: bytes, *, index: int | None
         ) from None
 
 
-def keys_message(session: bytes, index: int, c_public: bytes, s_public: bytes) -> bytes:
-    """What a client signs in active mode: its two round public keys, bound to session and index."""
-    return b"|".join((PROTOCOL_VERSION, b"keys", session, index.to_bytes(4, "big"), c_public, s_public))
+def _indices(xs: frozenset[int] | tuple[int, ...]) -> bytes:
+    return b"".join(i.to_bytes(4, "big") for i in sorted(xs))
 
 
-def consistency_message(session: bytes, survivors: frozenset[int] | tuple[int, ...]) -> bytes:
-    """What a client signs in the consistency check: the survivor set U3 it was told about."""
-    body = b"".join(i.to_bytes(4, "big") for i in sorted(survivors))
-    return b"|".join((PROTOCOL_VERSION, b"consistency", session, body))
+def keys_message(binding: bytes, index: int, c_public: bytes, s_public: bytes) -> bytes:
+    """What a client signs in active mode: its two round public keys, bound to the whole group
+    configuration (``GroupConfig.digest``, which holds every member's fresh commitment) and its seat."""
+    return b"|".join((PROTOCOL_VERSION, b"keys", binding, index.to_bytes(4, "big"), c_public, s_public))
 
 
-def self_mask_commitment(session: bytes, index: int, seed: bytes) -> bytes:
+def consistency_message(binding: bytes, index: int, c_public: bytes, s_public: bytes,
+                        survivors: frozenset[int] | tuple[int, ...], advertised: frozenset[int] | tuple[int, ...]) -> bytes:
+    """What a client signs in the consistency check: the survivor set U3 it was told about and the
+    set U1 whose keys it was shown, bound to the configuration and to the signer's own round keys,
+    so a signature harvested in another round, group or view verifies nowhere else."""
+    return b"|".join((PROTOCOL_VERSION, b"consistency", binding, index.to_bytes(4, "big"), c_public, s_public,
+                      _indices(survivors), b"u1", _indices(advertised)))
+
+
+def self_mask_commitment(binding: bytes, index: int, seed: bytes) -> bytes:
     """SHA-256 commitment to a self-mask seed: the server checks each reconstructed b_u against it,
     so one member's wrong share cannot silently corrupt the sum."""
-    import hashlib
-
-    return hashlib.sha256(b"|".join((PROTOCOL_VERSION, b"self-mask", session, index.to_bytes(4, "big"), seed))).digest()
+    return hashlib.sha256(b"|".join((PROTOCOL_VERSION, b"self-mask", binding, index.to_bytes(4, "big"), seed))).digest()

@@ -30,6 +30,7 @@ class ServerConfig:
     tls_cert: str = ""                 # PEM server certificate (required: TLS is always on)
     tls_key: str = ""
     client_ca: str = ""                # set to require client certificates (mutual TLS)
+    public_reads: bool = False         # let any TLS peer download models and read the status (else: registered, signed)
     # the model
     dim: int = 1000                    # length of the update / model vector
     init_model: str = ""               # .npy with the initial model (zeros when empty)
@@ -37,12 +38,12 @@ class ServerConfig:
     # rounds
     rounds: int = 0                    # rounds to run before stopping; 0 = forever
     linger_seconds: float = 3.0        # after the last round, keep serving model downloads this long
-    min_clients: int = 3               # a round starts once this many clients wait...
+    min_clients: int = 5               # a round starts once this many clients wait (default clients refuse groups below 5)...
     max_clients: int = 1000            # ...and takes at most this many
     lobby_seconds: float = 2.0         # how long to wait for more clients after min_clients
     groups: int = 1                    # secure-aggregation groups per round
-    mode: str = "semi-honest"          # or "active"
-    neighbors: int = 0                 # 0 = complete graph; else SecAgg+ degree k (even)
+    mode: str = "active"               # or "semi-honest" (clients refuse it unless they opt in)
+    neighbors: int = 0                 # 0 = complete graph; else SecAgg+ degree k (even), raised to the recommended degree
     threshold: float = 0.0             # 0 = safe minimum; <1 a fraction of holders; >=1 absolute
     phase_seconds: float = 30.0        # per-phase deadline
     chunk_words: int = 1 << 18         # words per masked-input chunk (1 MiB at 32 bits)

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from secagg.protocol import thresholds
+from secagg.protocol import graph, thresholds
 from secagg.protocol.aggregation import combine_groups, sums_digest
 from secagg.protocol.errors import AbortError, DropReason, LocalProtocolError, RemoteProtocolError
 from secagg.protocol.messages import GroupConfig, MaskedInput, Mode, Phase
@@ -46,6 +46,13 @@ class AlreadyConnected(Exception):
     pass
 
 
+def _for_member(announced: pb.RoundConfig, index: int) -> pb.RoundConfig:
+    rc = pb.RoundConfig()
+    rc.CopyFrom(announced)
+    rc.index = index
+    return rc
+
+
 @dataclass
 class Assembly:
     buffer: np.ndarray
@@ -62,6 +69,7 @@ class GroupRun:
     machine: ServerMachine
     chunk_words: int
     inflight: asyncio.Semaphore
+    announced: pb.RoundConfig               # what every member is told (its index aside)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     assembly: dict[int, Assembly] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -257,24 +265,29 @@ class Coordinator:
             return min(holders, max(1, math.ceil(t * holders)))
         return min(holders, int(t))
 
-    def _group_config(self, round_id: str, number: int, size: int) -> GroupConfig:
-        cfg = self.cfg
-        mode = cfg.mode_enum
-        k = cfg.neighbors if cfg.neighbors and cfg.neighbors < size - 1 else None
-        holders = size if k is None else k + 1
-        session = hashlib.sha256(b"secagg/v1 session|" + round_id.encode() + b"|" + number.to_bytes(4, "big") + b"|" + secrets.token_bytes(32)).digest()
-        return GroupConfig(session=session, members=size, threshold=self._threshold(holders, mode), dim=cfg.dim + 2,
-                           modulus_bits=cfg.encoding.modulus_bits(size), mode=mode, neighbors=k, graph_seed=secrets.token_bytes(32))
+    def _neighbors(self, size: int) -> int | None:
+        """SecAgg+ degree: the configured k, raised to the recommended degree for the group size
+        (the floor default clients enforce); None when that is the complete graph."""
+        if not self.cfg.neighbors:
+            return None
+        k = max(self.cfg.neighbors, graph.recommended_degree(size))
+        return k if k < size - 1 else None
 
-    def _round_config_pb(self, group: GroupRun, index: int, model_version: int) -> pb.ServerMessage:
-        c = group.config
-        return pb.ServerMessage(round_config=pb.RoundConfig(
-            round_id=group.round_id, group=group.number, index=index, session=c.session, members=c.members,
-            threshold=c.threshold, dim=c.dim, modulus_bits=c.modulus_bits, mode=convert.MODE_TO_PB[c.mode],
-            neighbors=c.neighbors or 0, graph_seed=c.graph_seed, encoding=convert.encoding_to_pb(self.cfg.encoding),
-            model_version=model_version, phase_timeout_seconds=self.cfg.phase_seconds, chunk_words=self.cfg.chunk_words,
-            member_ids=[group.members[j].client_id for j in sorted(group.members)],
-        ))
+    def _round_config_pb(self, round_id: str, number: int, members: list[Session], model_version: int) -> pb.RoundConfig:
+        """Everything a member is told, index aside; the GroupConfig is derived from it as a client derives it."""
+        cfg = self.cfg
+        size = len(members)
+        mode = cfg.mode_enum
+        k = self._neighbors(size)
+        session = hashlib.sha256(b"secagg/v1 session|" + round_id.encode() + b"|" + number.to_bytes(4, "big") + b"|" + secrets.token_bytes(32)).digest()
+        return pb.RoundConfig(
+            round_id=round_id, group=number, session=session, members=size,
+            threshold=self._threshold(size if k is None else k + 1, mode), dim=cfg.dim + 2,
+            modulus_bits=cfg.encoding.modulus_bits(size), mode=convert.MODE_TO_PB[mode], neighbors=k or 0,
+            encoding=convert.encoding_to_pb(cfg.encoding), model_version=model_version,
+            phase_timeout_seconds=cfg.phase_seconds, chunk_words=cfg.chunk_words,
+            member_ids=[s.client_id for s in members], commitments=[s.commitment for s in members],
+        )
 
     async def run_round(self) -> str:
         """Wait for a cohort, run one round for all its groups, record it; returns the round id."""
@@ -287,25 +300,27 @@ class Coordinator:
         model = await asyncio.to_thread(self.store.model)
         groups: list[GroupRun] = []
         for number, members in enumerate(parts):
-            gc = self._group_config(round_id, number, len(members))
+            rc = self._round_config_pb(round_id, number, members, model.version)
+            gc = convert.group_config_from_pb(_for_member(rc, 1))   # derived exactly as the members derive it
             sessions = {i + 1: s for i, s in enumerate(members)}
             identities = {i: s.identity for i, s in sessions.items()}
             machine = ServerMachine(gc, identities=identities if gc.mode is Mode.ACTIVE else None,
                                     phase_seconds=cfg.phase_seconds, now=time.monotonic())
-            g = GroupRun(round_id, number, gc, sessions, machine, cfg.chunk_words, asyncio.Semaphore(cfg.max_inflight))
+            g = GroupRun(round_id, number, gc, sessions, machine, cfg.chunk_words, asyncio.Semaphore(cfg.max_inflight), rc)
             for i, s in sessions.items():
                 s.group, s.index = g, i
             groups.append(g)
         self._groups = groups
         settings = cfg.settings() | {"model_version": model.version, "group_configs": [
             {"group": g.number, "members": g.config.members, "threshold": g.config.threshold, "neighbors": g.config.neighbors,
-             "modulus_bits": g.config.modulus_bits, "graph_seed": g.config.graph_seed.hex()} for g in groups]}
+             "modulus_bits": g.config.modulus_bits, "session": g.config.session.hex(), "config_digest": g.config.digest.hex(),
+             "commitments": [c.hex() for c in g.config.commitments]} for g in groups]}
         self.store.begin_round(round_id, settings, [s.client_id for s in cohort], [[s.client_id for s in g.members.values()] for g in groups])
         log.info("%s: %d clients in %d groups", round_id, len(cohort), len(groups))
         t0 = time.monotonic()
         for g in groups:
             for i, s in g.members.items():
-                s.send(self._round_config_pb(g, i, model.version))
+                s.send(pb.ServerMessage(round_config=_for_member(g.announced, i)))
         try:
             await asyncio.gather(*(self._drive(g) for g in groups))
             await self._finish(round_id, groups, model, time.monotonic() - t0)
@@ -383,6 +398,7 @@ class Coordinator:
         for g in groups:
             for phase, ids in g.survivors.items():
                 survivors.setdefault(phase, {})[str(g.number)] = ids
+
         accepted = {v.group for v in decision.verdicts if v.accepted} if decision else set()
         fields = {
             "survivors": survivors,

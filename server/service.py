@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from secagg.protocol.errors import DropReason, RemoteProtocolError
 from secagg.protocol.signatures import verify
 from secagg.v1 import secagg_pb2 as pb
 from secagg.v1 import secagg_pb2_grpc as pb_grpc
-from secagg.wire.identity import CLIENT_ID, NONCE_BYTES, hello_message
+from secagg.wire.identity import CLIENT_ID, NONCE_BYTES, READ_WINDOW_SECONDS, PKIError, certificate_binding, hello_message, read_message
 
 from .config import ConfigError, ServerConfig
 from .rounds import AlreadyConnected, Coordinator
@@ -31,9 +32,40 @@ SERVER_VERSION = "secagg/0.1"
 
 
 class SecAggServicer(pb_grpc.SecAggServicer):
-    def __init__(self, coordinator: Coordinator, store: Store) -> None:
+    def __init__(self, coordinator: Coordinator, store: Store, binding: bytes) -> None:
+        """``binding``: SHA-256 of this server's certificate, which every signed hello and read must name."""
         self.coordinator = coordinator
         self.store = store
+        self.binding = binding
+        self._recent_reads: dict[bytes, float] = {}   # signature -> expiry: a signed read is used once
+
+    async def _authorize_read(self, auth: pb.ReadAuth, method: str, argument: int, context: grpc.aio.ServicerContext) -> None:
+        """Reads need a registered identity unless the operator allows public reads."""
+        if self.coordinator.cfg.public_reads:
+            return
+        if not auth.client_id:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"{method} needs a signed request from a registered client (the server does not allow public reads)")
+        if not CLIENT_ID.fullmatch(auth.client_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "client_id must match [A-Za-z0-9._-]{1,64}")
+        now = time.time()
+        if abs(auth.timestamp_ms / 1000 - now) > READ_WINDOW_SECONDS:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"signed {method} request is older or newer than {READ_WINDOW_SECONDS:g} s; check the client's clock")
+        if auth.server_binding != self.binding:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method} request is bound to another server's certificate")
+        identity = await asyncio.to_thread(self.store.identity, auth.client_id)
+        try:
+            if identity is None:
+                raise RemoteProtocolError("unregistered")
+            verify(identity, auth.signature, read_message(method, self.binding, auth.client_id, auth.timestamp_ms, argument))
+        except RemoteProtocolError:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"{method} request is not signed by a registered client's identity key")
+        self._recent_reads = {sig: t for sig, t in self._recent_reads.items() if t > now}
+        if auth.signature in self._recent_reads:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"replayed {method} request; sign a fresh one")
+        self._recent_reads[auth.signature] = now + 2 * READ_WINDOW_SECONDS
 
     async def Participate(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
         cfg = self.coordinator.cfg
@@ -48,19 +80,26 @@ class SecAggServicer(pb_grpc.SecAggServicer):
         if first.WhichOneof("body") != "hello":
             await self._refuse(context, None, grpc.StatusCode.FAILED_PRECONDITION, "the first message on a stream must be hello")
         hello = first.hello
-        if not CLIENT_ID.match(hello.client_id):
+        if not CLIENT_ID.fullmatch(hello.client_id):
             await self._refuse(context, None, grpc.StatusCode.INVALID_ARGUMENT, "client_id must match [A-Za-z0-9._-]{1,64}")
+        if len(hello.contribution_commitment) != 32:
+            await self._refuse(context, hello.client_id, grpc.StatusCode.INVALID_ARGUMENT,
+                               "hello needs a 32-byte contribution_commitment (upgrade the client library)")
         identity = self.store.identity(hello.client_id)
         if identity is None:
             await self._refuse(context, hello.client_id, grpc.StatusCode.UNAUTHENTICATED,
                                f"client {hello.client_id!r} is not registered; an operator registers it with "
                                "`secagg register --db DB --client-id ID --key KEY`")
+        if hello.server_binding != self.binding:
+            await self._refuse(context, hello.client_id, grpc.StatusCode.UNAUTHENTICATED,
+                               "hello is bound to another server's certificate (relayed, or the client saw a different "
+                               "certificate); connect to this server directly")
         try:
-            verify(identity, hello.signature, hello_message(nonce, hello.client_id))
+            verify(identity, hello.signature, hello_message(nonce, hello.client_id, self.binding, hello.contribution_commitment))
         except RemoteProtocolError:
             await self._refuse(context, hello.client_id, grpc.StatusCode.UNAUTHENTICATED,
                                f"hello signature does not verify with {hello.client_id!r}'s registered identity key")
-        session = Session(hello.client_id, identity)
+        session = Session(hello.client_id, identity, commitment=bytes(hello.contribution_commitment))
         try:
             self.coordinator.connect(session)
         except AlreadyConnected:
@@ -104,8 +143,7 @@ class SecAggServicer(pb_grpc.SecAggServicer):
         self.coordinator.disconnect(session, detail)
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
-        from .store import StoreError
-
+        await self._authorize_read(request.auth, "GetModel", request.version, context)
         try:
             mv = await asyncio.to_thread(self.store.model, request.version or None)
         except StoreError as exc:
@@ -118,6 +156,7 @@ class SecAggServicer(pb_grpc.SecAggServicer):
                                 digest=digest if start == 0 else "")
 
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:  # noqa: N802
+        await self._authorize_read(request.auth, "GetStatus", 0, context)
         c = self.coordinator
         return pb.StatusReply(model_version=self.store.latest_version() or 0, waiting_clients=len(c.lobby),
                               round_id=c.round_id, phase=c.phase, dim=c.cfg.dim)
@@ -161,6 +200,14 @@ def ensure_model(store: Store, cfg: ServerConfig) -> None:
         raise ConfigError(f"the database's model has {size} values but dim is {cfg.dim}; use the matching --dim or another --db")
 
 
+def server_binding(cfg: ServerConfig) -> bytes:
+    """SHA-256 of the certificate this server presents: what clients bind their hellos and reads to."""
+    try:
+        return certificate_binding(Path(cfg.tls_cert).read_bytes())
+    except (OSError, PKIError) as exc:
+        raise ConfigError(f"cannot read the TLS certificate {cfg.tls_cert}: {exc}") from None
+
+
 def credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
     def read(path: str, what: str) -> bytes:
         try:
@@ -192,7 +239,7 @@ async def start(cfg: ServerConfig, *, on_round: Callable[[str], None] | None = N
             ("grpc.keepalive_permit_without_calls", 1),
         ])
         coordinator = Coordinator(cfg, store)
-        pb_grpc.add_SecAggServicer_to_server(SecAggServicer(coordinator, store), server)
+        pb_grpc.add_SecAggServicer_to_server(SecAggServicer(coordinator, store, server_binding(cfg)), server)
         try:
             port = server.add_secure_port(cfg.address, credentials(cfg))
         except RuntimeError as exc:

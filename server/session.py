@@ -27,6 +27,7 @@ _END = None
 class Session:
     client_id: str
     identity: bytes                      # registered Ed25519 public key
+    commitment: bytes = b""              # the hello's commitment to the client's round contribution
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     group: object | None = None          # the GroupRun it was assigned to
     index: int = 0                       # its index in that group

@@ -26,6 +26,7 @@ import numpy as np
 from secagg.protocol.aggregation import sums_digest
 from secagg.protocol.encoding import EncodingParams, encode
 from secagg.protocol.messages import Phase
+from secagg.protocol.policy import ClientPolicy
 
 PHASES = [p.label for p in Phase]
 
@@ -47,7 +48,7 @@ class SimConfig:
     dropout_phase: str = "random"          # a phase label, or "random"
     groups: int = 2
     neighbors: int = 0
-    mode: str = "semi-honest"
+    mode: str = "active"
     threshold: float = 0.0
     processes: int = 2
     seed: int = 0
@@ -66,6 +67,15 @@ class SimConfig:
     non_iid: float | None = None
     fl: dict[str, Any] = field(default_factory=dict)   # extra FLConfig fields
     workdir: str | None = None                         # keep the run's files here (default: temp, removed)
+
+    def client_policy(self) -> ClientPolicy:
+        """The simulated clients' policy: the default, relaxed only where this simulation asks for less
+        (semi-honest mode, groups under 5) and recorded in the summary."""
+        smallest = self.clients // self.groups
+        floor = min(5, smallest // 2 + 1)   # never above any threshold the server may pick
+        if self.mode == "semi-honest":
+            return ClientPolicy.semi_honest(min_group_size=floor)
+        return ClientPolicy(min_group_size=floor)
 
     def validate(self) -> SimConfig:
         if self.clients < 3:
@@ -173,7 +183,7 @@ async def _worker(job: dict[str, Any], out: Any) -> None:
     async def run_client(cid: str, key: bytes) -> None:
         index = int(cid.split("-")[1])
         async with AsyncClient(job["address"], ca_cert=job["ca"], identity_key=key, client_id=cid, server_name="localhost",
-                               wait_seconds=job["wait"]) as client:
+                               wait_seconds=job["wait"], policy=cfg.client_policy()) as client:
             for r in range(cfg.rounds):
                 drop_at = plan.get(r, {}).get(cid)
                 current: dict[str, str] = {}

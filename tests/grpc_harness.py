@@ -47,7 +47,13 @@ from secagg.server.tls import (
 from secagg.v1 import secagg_pb2 as pb
 from secagg.v1 import secagg_pb2_grpc as pb_grpc
 from secagg.wire import convert
-from secagg.wire.identity import hello_message
+from secagg.protocol.graph import commit_contribution
+from secagg.protocol.policy import ClientPolicy
+from secagg.wire.identity import certificate_binding, hello_message
+
+# The harness tests the service, not the client policy: its honest clients accept the small
+# groups and semi-honest rounds the tests run (tests/test_hostile_server.py checks the policy).
+TEST_POLICY = ClientPolicy.lenient()
 
 DIM = 200
 TEST_TIMEOUT = 60.0
@@ -108,6 +114,7 @@ class Harness:
         return self.cfg.encoding
 
     def client(self, client_id: str, key: bytes | None = None, **options: Any) -> AsyncClient:
+        options.setdefault("policy", TEST_POLICY)
         c = AsyncClient(self.address, ca_cert=self.pki.ca_cert, identity_key=key or self.keys[client_id], client_id=client_id,
                         retries=0, **options)
         self._closers.append(c)
@@ -179,6 +186,7 @@ async def running_server(tmp_path: Path, n: int = 4, *, registered: Iterable[str
     settings: dict[str, Any] = {
         "address": "127.0.0.1:0", "db": str(db), "tls_cert": str(pki.server_cert), "tls_key": str(pki.server_key),
         "dim": DIM, "rounds": 1, "min_clients": n, "max_clients": n, "lobby_seconds": 0.05, "groups": 1, "phase_seconds": 2.5,
+        "mode": "semi-honest",   # the service tests were written for it; active-mode tests say so
     }
     if "linger_seconds" in {f.name for f in dataclasses.fields(ServerConfig)}:
         settings["linger_seconds"] = 0.0   # the harness keeps serving until the test ends anyway
@@ -207,6 +215,8 @@ class RawClient:
         self.machine: ClientMachine | None = None
         self.encoded: np.ndarray | None = None
         self.update = update_of(client_id, h.cfg.dim)
+        self.contribution = hashlib.sha256(f"contribution|{client_id}|{id(self)}".encode()).digest()
+        self.binding = certificate_binding(h.pki.server_cert.read_bytes())
 
     async def open(self, *, hello: bool = True) -> None:
         creds = grpc.ssl_channel_credentials(root_certificates=self.h.pki.ca_cert.read_bytes())
@@ -219,10 +229,13 @@ class RawClient:
         if hello:
             await self.send(self.hello())
 
-    def hello(self, *, client_id: str | None = None, key: bytes | None = None) -> pb.ClientMessage:
+    def hello(self, *, client_id: str | None = None, key: bytes | None = None, binding: bytes | None = None) -> pb.ClientMessage:
         c = client_id or self.client_id
-        sig = sign(key or self.key, hello_message(self.nonce, c))
-        return pb.ClientMessage(hello=pb.Hello(client_id=c, signature=sig, library_version="raw-test"))
+        b = self.binding if binding is None else binding
+        commitment = commit_contribution(self.contribution)
+        sig = sign(key or self.key, hello_message(self.nonce, c, b, commitment))
+        return pb.ClientMessage(hello=pb.Hello(client_id=c, signature=sig, library_version="raw-test", server_binding=b,
+                                               contribution_commitment=commitment))
 
     async def send(self, msg: pb.ClientMessage) -> None:
         await self.call.write(msg)
@@ -242,7 +255,7 @@ class RawClient:
         rc = await self.expect("round_config", timeout)
         self.config = rc
         gc = convert.group_config_from_pb(rc)
-        self.machine = ClientMachine(gc, rc.index, identity_key=self.key)
+        self.machine = ClientMachine(gc, rc.index, contribution=self.contribution, identity_key=self.key, policy=TEST_POLICY)
         self.encoded = encode(self.update, convert.encoding_from_pb(rc.encoding), gc.members, rounding_seed=seed_of(self.client_id))
         return rc
 

@@ -8,7 +8,7 @@ import socket
 
 import numpy as np
 import pytest
-from grpc_harness import DIM, async_test, running_server, update_of
+from grpc_harness import DIM, TEST_POLICY, async_test, running_server, update_of
 
 from secagg.client import AsyncClient, Client, ConnectionFailed, Rejected
 from secagg.server.config import ConfigError, load
@@ -28,13 +28,13 @@ async def test_mutual_tls_admits_a_client_certificate_and_refuses_none(tmp_path)
     pki = write_dev_pki(tmp_path / "mtls", client_names=["c0", "c1", "c2"])
     async with running_server(tmp_path, 3, client_ca=str(pki.ca_cert), tls_cert=str(pki.server_cert), tls_key=str(pki.server_key)) as h:
         # no client certificate: the TLS handshake fails, so the connection never becomes ready
-        bare = AsyncClient(h.address, ca_cert=pki.ca_cert, identity_key=h.keys["c0"], client_id="c0", retries=0, connect_timeout=2)
+        bare = AsyncClient(h.address, ca_cert=pki.ca_cert, identity_key=h.keys["c0"], client_id="c0", retries=0, connect_timeout=2, policy=TEST_POLICY)
         with pytest.raises(ConnectionFailed, match="after 1 attempts"):
             await bare.status()
         await bare.close()
 
         async def one(c: str):
-            async with AsyncClient(h.address, ca_cert=pki.ca_cert, identity_key=h.keys[c], client_id=c, retries=0,
+            async with AsyncClient(h.address, ca_cert=pki.ca_cert, identity_key=h.keys[c], client_id=c, retries=0, policy=TEST_POLICY,
                                    client_cert=pki.clients[c].cert, client_key=pki.clients[c].key) as cl:
                 return await cl.participate(update_of(c))
 
@@ -52,7 +52,7 @@ async def test_connection_setup_is_retried_until_the_server_appears(tmp_path):
     with Store(tmp_path / "secagg.db") as st:   # the database the server will open
         for c, k in keys.items():
             st.register_identity(c, identity_public_key(k))
-    clients = [AsyncClient(f"127.0.0.1:{port}", ca_cert=pki.ca_cert, identity_key=keys[c], client_id=c, retries=8, backoff=0.2,
+    clients = [AsyncClient(f"127.0.0.1:{port}", ca_cert=pki.ca_cert, identity_key=keys[c], client_id=c, retries=8, backoff=0.2, policy=TEST_POLICY,
                            connect_timeout=0.5) for c in ids]
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -100,9 +100,9 @@ def test_sync_client_rejects_a_wrong_length_update_with_the_needed_length(tmp_pa
         async with running_server(tmp_path, 3) as h:
             loop = asyncio.get_running_loop()
             good = [loop.run_in_executor(None, lambda c=c: Client(h.address, ca_cert=h.pki.ca_cert, identity_key=h.keys[c],
-                                                                  client_id=c).participate(update_of(c))) for c in ("c1", "c2")]
+                                                                  client_id=c, policy=TEST_POLICY).participate(update_of(c))) for c in ("c1", "c2")]
             bad = loop.run_in_executor(None, lambda: Client(h.address, ca_cert=h.pki.ca_cert, identity_key=h.keys["c0"],
-                                                            client_id="c0").participate(np.zeros(DIM + 1)))
+                                                            client_id="c0", policy=TEST_POLICY).participate(np.zeros(DIM + 1)))
             return await asyncio.gather(*good, bad, return_exceptions=True)
 
     *good, bad = asyncio.run(go())
@@ -114,7 +114,7 @@ def test_toml_settings_and_flag_overrides(tmp_path):
     f = tmp_path / "server.toml"
     f.write_text('[server]\ntls_cert = "c.pem"\ntls_key = "k.pem"\ndim = 42\ngroups = 2\nmin_clients = 6\nrule = "median"\n')
     cfg = load(f, {"dim": 7, "mode": None})
-    assert (cfg.dim, cfg.groups, cfg.rule, cfg.mode) == (7, 2, "median", "semi-honest")
+    assert (cfg.dim, cfg.groups, cfg.rule, cfg.mode) == (7, 2, "median", "active")   # active is the default
     f.write_text('dim = 5\nbogus = 1\n')
     with pytest.raises(ConfigError, match="unknown setting"):
         load(f, {})

@@ -590,8 +590,9 @@ async def test_advertise_keys_signed_with_another_key_is_unauthenticated(tmp_pat
     async def script(raw: RawClient) -> None:
         rc = await raw.join()
         adv = raw.machine.advertise_keys()
-        forged = sign(new_identity_key(), keys_message(rc.session, rc.index, adv.c_public, adv.s_public))
-        await raw.send(pb.ClientMessage(advertise_keys=pb.AdvertiseKeys(c_public=adv.c_public, s_public=adv.s_public, signature=forged)))
+        forged = sign(new_identity_key(), keys_message(raw.machine.config.digest, rc.index, adv.c_public, adv.s_public))
+        await raw.send(pb.ClientMessage(advertise_keys=pb.AdvertiseKeys(c_public=adv.c_public, s_public=adv.s_public, signature=forged,
+                                                                         contribution=adv.contribution)))
 
     async with running_server(tmp_path, 5, mode="active") as h:   # 5 holders: threshold 4
         r = await misbehave(h, script, bad="c4", honest=["c0", "c1", "c2", "c3"])
@@ -719,15 +720,14 @@ async def test_status_reports_the_phase_of_a_round_in_progress(tmp_path):
 # ---- bytes that are not a ClientMessage ------------------------------------------------------------
 @async_test
 async def test_unparseable_bytes_get_invalid_argument_and_are_recorded(tmp_path):
-    from secagg.wire.identity import hello_message
-
     async with running_server(tmp_path, N, phase_seconds=5.0) as h:
         channel = grpc.aio.secure_channel(h.address, grpc.ssl_channel_credentials(h.pki.ca_cert.read_bytes()))
         call = channel.stream_stream("/secagg.v1.SecAgg/Participate", request_serializer=lambda b: b,
                                      response_deserializer=pb.ServerMessage.FromString)()
         first = await call.read()
-        await call.write(pb.ClientMessage(hello=pb.Hello(client_id=BAD, signature=sign(h.keys[BAD], hello_message(
-            first.challenge.nonce, BAD)))).SerializeToString())
+        raw = RawClient(h, BAD, h.keys[BAD])
+        raw.nonce = first.challenge.nonce
+        await call.write(raw.hello().SerializeToString())
         await call.write(b"\xff\xff\xff\xff not a protobuf")
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await asyncio.wait_for(call.read(), 5.0)

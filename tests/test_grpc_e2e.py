@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from grpc_harness import (
     DIM,
+    TEST_POLICY,
     async_test,
     check_round,
     running_server,
@@ -213,8 +214,7 @@ async def test_grpc_and_in_memory_driver_give_bit_identical_aggregates(tmp_path,
             gs = rec.settings["group_configs"][g]
             assert gs["group"] == g and gs["members"] == len(members) and gs["neighbors"] == (neighbors or None)
             config = GroupConfig(session=os.urandom(32), members=len(members), threshold=gs["threshold"], dim=DIM + 2,
-                                 modulus_bits=gs["modulus_bits"], mode=Mode(mode), neighbors=gs["neighbors"],
-                                 graph_seed=bytes.fromhex(gs["graph_seed"]))
+                                 modulus_bits=gs["modulus_bits"], mode=Mode(mode), neighbors=gs["neighbors"])
             index = {c: i + 1 for i, c in enumerate(members)}
             inputs = {index[c]: encode(update_of(c), h.params, len(members), rounding_seed=seed_of(c)) for c in members}
             drops = {Phase[d["phase"].upper()]: {index[d["client"]]} for d in rec.dropouts if d["group"] == g}
@@ -238,8 +238,9 @@ def app_round(address: str, ca_cert: str, key_file: str, client_id: str, update:
 
 @async_test
 async def test_sync_client_from_threads(tmp_path):
-    ids = ["c0", "c1", "c2", "c3"]
-    async with running_server(tmp_path, 4) as h:
+    """An app with every default: the client's default policy and the server's default active mode."""
+    ids = ["c0", "c1", "c2", "c3", "c4"]
+    async with running_server(tmp_path, 5, mode="active") as h:
         old = h.store.model().params
         files = {}
         for c in ids:
@@ -283,7 +284,7 @@ def test_sync_client_from_a_plain_thread_against_a_server_thread(tmp_path):
         outs: dict[str, RoundOutcome] = {}
 
         def one(c: str) -> None:
-            outs[c] = Client(h.address, ca_cert=h.pki.ca_cert, identity_key=h.keys[c], client_id=c).participate(
+            outs[c] = Client(h.address, ca_cert=h.pki.ca_cert, identity_key=h.keys[c], client_id=c, policy=TEST_POLICY).participate(
                 update_of(c), rounding_seed=seed_of(c))
 
         threads = [threading.Thread(target=one, args=(c,)) for c in ("c0", "c1", "c2")]

@@ -29,12 +29,13 @@ def _idx(i: int) -> int:
 
 # ---- client -> server ----------------------------------------------------------------------
 def advertise_to_pb(msg: m.AdvertiseKeys) -> pb.ClientMessage:
-    return pb.ClientMessage(advertise_keys=pb.AdvertiseKeys(c_public=msg.c_public, s_public=msg.s_public, signature=msg.signature))
+    return pb.ClientMessage(advertise_keys=pb.AdvertiseKeys(c_public=msg.c_public, s_public=msg.s_public, signature=msg.signature,
+                                                            contribution=msg.contribution))
 
 
 def advertise_from_pb(index: int, body: pb.AdvertiseKeys, identity: bytes) -> m.AdvertiseKeys:
     """``identity`` is the registered key of the authenticated stream, never the client's claim."""
-    return m.AdvertiseKeys(index, bytes(body.c_public), bytes(body.s_public), bytes(body.signature), identity)
+    return m.AdvertiseKeys(index, bytes(body.c_public), bytes(body.s_public), bytes(body.signature), identity, bytes(body.contribution))
 
 
 def share_keys_to_pb(msg: m.ShareKeys) -> pb.ClientMessage:
@@ -82,13 +83,13 @@ def keys_broadcast_to_pb(msg: m.KeysBroadcast) -> pb.ServerMessage:
     return pb.ServerMessage(keys_broadcast=pb.KeysBroadcast(keys=[
         pb.AdvertisedKeys(index=k.index, c_public=k.c_public, s_public=k.s_public, signature=k.signature, identity=k.identity)
         for k in msg.keys
-    ]))
+    ], contributions=list(msg.contributions)))
 
 
 def keys_broadcast_from_pb(body: pb.KeysBroadcast) -> m.KeysBroadcast:
     return m.KeysBroadcast(tuple(
         m.AdvertiseKeys(_idx(k.index), bytes(k.c_public), bytes(k.s_public), bytes(k.signature), bytes(k.identity)) for k in body.keys
-    ))
+    ), tuple(bytes(c) for c in body.contributions))
 
 
 def shares_delivery_to_pb(msg: m.SharesDelivery) -> pb.ServerMessage:
@@ -135,18 +136,35 @@ def server_message_to_pb(msg: m.ServerMessage) -> pb.ServerMessage:
 
 
 # ---- round configuration -------------------------------------------------------------------
+def round_context(rc: pb.RoundConfig) -> bytes:
+    """Digest of the round settings outside GroupConfig (round, group, encoding, model, chunking):
+    part of ``GroupConfig.digest``, so members told different settings cannot complete together."""
+    import hashlib
+
+    e = rc.encoding
+    fields = (rc.round_id, rc.group, repr(float(e.clip_norm)), repr(float(e.clip_value)), e.precision_bits,
+              rc.model_version, rc.chunk_words)
+    return hashlib.sha256("|".join(["secagg/v1 round-context", *map(str, fields)]).encode()).digest()
+
+
 def group_config_from_pb(rc: pb.RoundConfig) -> m.GroupConfig:
+    """Shape checks only; ``ClientPolicy.check`` decides whether the values are acceptable."""
     if rc.mode not in MODE_FROM_PB:
         raise WireError("round configuration has no mode")
     if rc.modulus_bits not in (32, 64):
         raise WireError(f"modulus_bits must be 32 or 64, got {rc.modulus_bits}")
     if rc.members < 2 or not 1 <= rc.index <= rc.members or rc.dim < 3:
         raise WireError("round configuration has inconsistent members/index/dim")
-    return m.GroupConfig(
-        session=bytes(rc.session), members=rc.members, threshold=rc.threshold, dim=rc.dim,
-        modulus_bits=rc.modulus_bits, mode=MODE_FROM_PB[rc.mode], neighbors=rc.neighbors or None,
-        graph_seed=bytes(rc.graph_seed),
-    )
+    if len(rc.commitments) != rc.members or len(rc.member_ids) != rc.members:
+        raise WireError(f"round configuration must carry one commitment and one member id per member ({rc.members})")
+    try:
+        return m.GroupConfig(
+            session=bytes(rc.session), members=rc.members, threshold=rc.threshold, dim=rc.dim,
+            modulus_bits=rc.modulus_bits, mode=MODE_FROM_PB[rc.mode], neighbors=rc.neighbors or None,
+            commitments=tuple(bytes(c) for c in rc.commitments), member_ids=tuple(rc.member_ids), context=round_context(rc),
+        )
+    except ValueError as exc:
+        raise WireError(f"round configuration: {exc}") from None
 
 
 def encoding_to_pb(p: EncodingParams) -> pb.EncodingParams:

@@ -1,7 +1,10 @@
 """Identity keys and the join handshake: a client proves it holds its registered Ed25519 key.
 
-The server sends a fresh random nonce; the client signs it with its id, so a signature can
-neither be replayed on another stream nor moved to another identity.
+The server sends a fresh random nonce; the client signs it with its id, the SHA-256 of the
+server certificate its TLS connection was served, and the commitment to its round
+contribution.  A signature can be neither replayed on another stream, nor moved to another
+identity, nor relayed by one server to another deployment (which has another certificate).
+Reads (model downloads, status) are signed the same way, with a timestamp for freshness.
 """
 
 from __future__ import annotations
@@ -17,12 +20,34 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from secagg.protocol.keys import PROTOCOL_VERSION
 
-CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")   # use fullmatch: "$" would accept a trailing newline
 NONCE_BYTES = 32
+BINDING_BYTES = 32
+READ_WINDOW_SECONDS = 300.0   # a signed read older or newer than this is refused
 
 
-def hello_message(nonce: bytes, client_id: str) -> bytes:
-    return b"|".join((PROTOCOL_VERSION, b"hello", nonce, client_id.encode()))
+def hello_message(nonce: bytes, client_id: str, server_binding: bytes, commitment: bytes) -> bytes:
+    return b"|".join((PROTOCOL_VERSION, b"hello", nonce, client_id.encode(), server_binding, commitment))
+
+
+def read_message(method: str, server_binding: bytes, client_id: str, timestamp_ms: int, argument: int = 0) -> bytes:
+    """What a client signs to read a model or the status: method, server, identity, time, version."""
+    return b"|".join((PROTOCOL_VERSION, b"read", method.encode(), server_binding, client_id.encode(),
+                      timestamp_ms.to_bytes(8, "big"), argument.to_bytes(8, "big")))
+
+
+def certificate_binding(certificate: bytes) -> bytes:
+    """SHA-256 of a certificate's DER bytes; ``certificate`` is DER or PEM (the first one is used)."""
+    from cryptography import x509
+
+    if certificate.lstrip().startswith(b"-----"):
+        try:
+            certificate = x509.load_pem_x509_certificate(certificate).public_bytes(serialization.Encoding.DER)
+        except ValueError:
+            raise PKIError("not a PEM certificate") from None
+    import hashlib
+
+    return hashlib.sha256(certificate).digest()
 
 
 class PKIError(Exception):

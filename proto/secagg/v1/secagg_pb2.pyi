@@ -35,24 +35,30 @@ class ClientMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., advertise_keys: _Optional[_Union[AdvertiseKeys, _Mapping]] = ..., share_keys: _Optional[_Union[ShareKeys, _Mapping]] = ..., masked_input: _Optional[_Union[MaskedInputChunk, _Mapping]] = ..., consistency_signature: _Optional[_Union[ConsistencySignature, _Mapping]] = ..., unmask_response: _Optional[_Union[UnmaskResponse, _Mapping]] = ..., abort: _Optional[_Union[ClientAbort, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("client_id", "signature", "library_version")
+    __slots__ = ("client_id", "signature", "library_version", "server_binding", "contribution_commitment")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     LIBRARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVER_BINDING_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     signature: bytes
     library_version: str
-    def __init__(self, client_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., library_version: _Optional[str] = ...) -> None: ...
+    server_binding: bytes
+    contribution_commitment: bytes
+    def __init__(self, client_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., library_version: _Optional[str] = ..., server_binding: _Optional[bytes] = ..., contribution_commitment: _Optional[bytes] = ...) -> None: ...
 
 class AdvertiseKeys(_message.Message):
-    __slots__ = ("c_public", "s_public", "signature")
+    __slots__ = ("c_public", "s_public", "signature", "contribution")
     C_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     S_PUBLIC_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     c_public: bytes
     s_public: bytes
     signature: bytes
-    def __init__(self, c_public: _Optional[bytes] = ..., s_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    contribution: bytes
+    def __init__(self, c_public: _Optional[bytes] = ..., s_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., contribution: _Optional[bytes] = ...) -> None: ...
 
 class EncryptedShare(_message.Message):
     __slots__ = ("sender", "receiver", "ciphertext")
@@ -147,7 +153,7 @@ class EncodingParams(_message.Message):
     def __init__(self, clip_norm: _Optional[float] = ..., clip_value: _Optional[float] = ..., precision_bits: _Optional[int] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
-    __slots__ = ("round_id", "group", "index", "session", "members", "threshold", "dim", "modulus_bits", "mode", "neighbors", "graph_seed", "encoding", "model_version", "phase_timeout_seconds", "chunk_words", "member_ids")
+    __slots__ = ("round_id", "group", "index", "session", "members", "threshold", "dim", "modulus_bits", "mode", "neighbors", "encoding", "model_version", "phase_timeout_seconds", "chunk_words", "member_ids", "commitments")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -158,12 +164,12 @@ class RoundConfig(_message.Message):
     MODULUS_BITS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
-    GRAPH_SEED_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PHASE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_WORDS_FIELD_NUMBER: _ClassVar[int]
     MEMBER_IDS_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     group: int
     index: int
@@ -174,13 +180,13 @@ class RoundConfig(_message.Message):
     modulus_bits: int
     mode: Mode
     neighbors: int
-    graph_seed: bytes
     encoding: EncodingParams
     model_version: int
     phase_timeout_seconds: float
     chunk_words: int
     member_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, round_id: _Optional[str] = ..., group: _Optional[int] = ..., index: _Optional[int] = ..., session: _Optional[bytes] = ..., members: _Optional[int] = ..., threshold: _Optional[int] = ..., dim: _Optional[int] = ..., modulus_bits: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., neighbors: _Optional[int] = ..., graph_seed: _Optional[bytes] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., model_version: _Optional[int] = ..., phase_timeout_seconds: _Optional[float] = ..., chunk_words: _Optional[int] = ..., member_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    commitments: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, round_id: _Optional[str] = ..., group: _Optional[int] = ..., index: _Optional[int] = ..., session: _Optional[bytes] = ..., members: _Optional[int] = ..., threshold: _Optional[int] = ..., dim: _Optional[int] = ..., modulus_bits: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., neighbors: _Optional[int] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., model_version: _Optional[int] = ..., phase_timeout_seconds: _Optional[float] = ..., chunk_words: _Optional[int] = ..., member_ids: _Optional[_Iterable[str]] = ..., commitments: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class AdvertisedKeys(_message.Message):
     __slots__ = ("index", "c_public", "s_public", "signature", "identity")
@@ -197,10 +203,12 @@ class AdvertisedKeys(_message.Message):
     def __init__(self, index: _Optional[int] = ..., c_public: _Optional[bytes] = ..., s_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., identity: _Optional[bytes] = ...) -> None: ...
 
 class KeysBroadcast(_message.Message):
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "contributions")
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedCompositeFieldContainer[AdvertisedKeys]
-    def __init__(self, keys: _Optional[_Iterable[_Union[AdvertisedKeys, _Mapping]]] = ...) -> None: ...
+    contributions: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, keys: _Optional[_Iterable[_Union[AdvertisedKeys, _Mapping]]] = ..., contributions: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class SharesDelivery(_message.Message):
     __slots__ = ("shares",)
@@ -248,11 +256,25 @@ class RoundResult(_message.Message):
     aggregate_digest: str
     def __init__(self, round_id: _Optional[str] = ..., outcome: _Optional[str] = ..., reason: _Optional[str] = ..., model_version: _Optional[int] = ..., group_accepted: _Optional[bool] = ..., aggregate_digest: _Optional[str] = ...) -> None: ...
 
+class ReadAuth(_message.Message):
+    __slots__ = ("client_id", "timestamp_ms", "server_binding", "signature")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_BINDING_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    timestamp_ms: int
+    server_binding: bytes
+    signature: bytes
+    def __init__(self, client_id: _Optional[str] = ..., timestamp_ms: _Optional[int] = ..., server_binding: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class GetModelRequest(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "auth")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
     version: int
-    def __init__(self, version: _Optional[int] = ...) -> None: ...
+    auth: ReadAuth
+    def __init__(self, version: _Optional[int] = ..., auth: _Optional[_Union[ReadAuth, _Mapping]] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("version", "dim", "offset", "values", "digest")
@@ -269,8 +291,10 @@ class ModelChunk(_message.Message):
     def __init__(self, version: _Optional[int] = ..., dim: _Optional[int] = ..., offset: _Optional[int] = ..., values: _Optional[bytes] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("auth",)
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    auth: ReadAuth
+    def __init__(self, auth: _Optional[_Union[ReadAuth, _Mapping]] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("model_version", "waiting_clients", "round_id", "phase", "dim")
