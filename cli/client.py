@@ -22,17 +22,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server-name", help="TLS name to expect (default: the host in --server)")
     p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for a round")
     p.add_argument("--save-model", type=Path, help="write the new model to this .npy file")
+    g = p.add_argument_group("security policy (defaults refuse anything weaker; relax one setting at a time)")
+    g.add_argument("--allow-semi-honest", action="store_true", help="take part in semi-honest rounds (trusted server only)")
+    g.add_argument("--min-group-size", type=int, help="privacy floor: fewest members / share-holding survivors (default 5)")
+    g.add_argument("--min-neighbors", type=int, help="SecAgg+ degree floor (default: the recommended degree for the group size)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from secagg.client import Client, ClientError
+    from secagg.client import Client, ClientError, ClientPolicy
     from secagg.wire.identity import PKIError
 
     try:
-        client = Client(args.server, ca_cert=args.ca, identity_key=args.key, client_id=args.client_id,
+        policy = ClientPolicy.semi_honest() if args.allow_semi_honest else ClientPolicy()
+        changes = {k: v for k, v in (("min_group_size", args.min_group_size), ("min_neighbors", args.min_neighbors)) if v is not None}
+        try:
+            policy = policy.replace(**changes)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        client = Client(args.server, ca_cert=args.ca, identity_key=args.key, client_id=args.client_id, policy=policy,
                         client_cert=args.cert, client_key=args.cert_key, server_name=args.server_name, wait_seconds=args.wait)
         if args.update:
             try:

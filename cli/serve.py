@@ -24,7 +24,7 @@ _FLAGS = {  # flag -> (type, help)
     "max_clients": (int, "clients taken into one round"),
     "lobby_seconds": (float, "extra wait for more clients once min_clients wait"),
     "groups": (int, "secure-aggregation groups per round"),
-    "mode": (str, "semi-honest or active"),
+    "mode": (str, "active (default) or semi-honest (default clients refuse it)"),
     "neighbors": (int, "SecAgg+ neighbour count (even; 0 = complete graph)"),
     "threshold": (float, "0 = safe minimum; <1 fraction of share holders; >=1 absolute"),
     "phase_seconds": (float, "per-phase deadline"),
@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="TOML file with the settings (flat, or under [server])")
     for name, (typ, help_) in _FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    p.add_argument("--public-reads", dest="public_reads", action="store_const", const=True, default=None,
+                   help="let any TLS peer download models and read the status (default: registered clients, signed)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=run)
 
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
-        cfg = load(args.config, {k: getattr(args, k) for k in _FLAGS})
+        cfg = load(args.config, {k: getattr(args, k) for k in (*_FLAGS, "public_reads")})
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
 
