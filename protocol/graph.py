@@ -2,12 +2,14 @@
 
 The SecAgg+ graph (Bell et al., CCS 2020) places the m members on a ring and links each to its
 k/2 nearest on either side, so every member has k neighbours.  Privacy then holds per
-neighbourhood, so the ring must be one the server cannot steer: each member's position is a
-hash of the group configuration and of that member's own fresh contribution, committed to
-before the configuration was fixed and opened only with its keys.  The server learns a
-position only when it can no longer change the others; its one remaining choice is, per
-member, whether that member's keys (and so its opened contribution) are forwarded, which
-moves the member to a second, equally random position (the hash of its commitment).
+neighbourhood, so the ring must be one the server cannot steer.  Every member commits to 32
+fresh random bytes (its contribution) in its hello, before any configuration exists, and
+opens them with its keys; the ring is a permutation drawn from a beacon, the hash of all
+opened contributions, and the configuration digest.  Until the honest members open theirs,
+nobody can predict any position; afterwards the server's only lever is which members' keys it
+forwards (each choice it withholds is a recorded dropout and re-draws the whole ring), not
+where anyone sits.  A member whose keys were not forwarded still has a position, so the graph
+is over all m members as in the paper, and it counts as dropped.
 """
 
 from __future__ import annotations
@@ -38,18 +40,20 @@ def commit_contribution_or_none(contribution: bytes) -> bytes | None:
 
 
 def ring_order(config: GroupConfig, opened: Mapping[int, bytes]) -> list[int]:
-    """Members 1..m in ring order: by H(config digest | seat | opened contribution or commitment).
+    """Members 1..m in ring order, drawn from H(all opened contributions) and the config digest.
 
     ``opened`` maps a seat to its contribution (checked against its commitment by the caller);
-    seats without one are placed by their commitment.
+    seats without one contribute 32 zero bytes to the beacon.
     """
     if len(config.commitments) != config.members:
         raise ValueError("a SecAgg+ ring needs every member's commitment")
-    digest = config.digest
+    beacon = hashlib.sha256(b"secagg/v1|ring-beacon|" + config.digest)
+    for seat in range(1, config.members + 1):
+        beacon.update(opened.get(seat) or bytes(32))
+    seed = beacon.digest()
 
     def key(seat: int) -> bytes:
-        value = opened.get(seat) or config.commitments[seat - 1]
-        return hashlib.sha256(b"secagg/v1|ring|" + digest + seat.to_bytes(4, "big") + value).digest()
+        return hashlib.sha256(b"secagg/v1|ring|" + seed + seat.to_bytes(4, "big")).digest()
 
     return sorted(range(1, config.members + 1), key=key)
 
