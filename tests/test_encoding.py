@@ -244,8 +244,8 @@ def test_masks_cancel_without_dropouts(shape: tuple[int, int, Mode, int | None, 
     holders = m if neighbors is None else neighbors + 1
     cfg = GroupConfig(
         session=rng.bytes(32), members=m, threshold=thresholds.default(holders, mode), dim=dim,
-        modulus_bits=bits, mode=mode, neighbors=neighbors, graph_seed=rng.bytes(32),
-    )
+        modulus_bits=bits, mode=mode, neighbors=neighbors,
+    )   # no commitments: run_group draws each member's fresh contribution (and so the SecAgg+ ring)
     dtype = cfg.dtype
     inputs = {i: rng.integers(0, np.iinfo(dtype).max, size=dim, dtype=dtype, endpoint=True) for i in range(1, m + 1)}
     ids = {i: rng.bytes(32) for i in range(1, m + 1)} if mode is Mode.ACTIVE else None

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from secagg.protocol import aead, graph, keys, prg, shamir, signatures, thresholds
 from secagg.protocol.errors import DropReason, RemoteProtocolError
-from secagg.protocol.messages import Mode
+from secagg.protocol.messages import GroupConfig, Mode
 
 H = bytes.fromhex
 
@@ -371,16 +371,31 @@ def test_ed25519_round_trip_and_rejections() -> None:
 
 
 def test_signed_messages_bind_session_index_and_keys() -> None:
+    """Every signed message is bound to the config digest (was: the session), the signer's seat and
+    its round keys; the consistency message also to the survivor set and the U1 set it was shown."""
     s, c_pub, s_pub = os.urandom(32), os.urandom(32), os.urandom(32)
     base = signatures.keys_message(s, 1, c_pub, s_pub)
     assert base != signatures.keys_message(os.urandom(32), 1, c_pub, s_pub)
     assert base != signatures.keys_message(s, 2, c_pub, s_pub)
     assert base != signatures.keys_message(s, 1, s_pub, c_pub)
-    c1 = signatures.consistency_message(s, frozenset({3, 1, 2}))
-    assert c1 == signatures.consistency_message(s, (1, 2, 3))      # order does not matter
-    assert c1 != signatures.consistency_message(s, frozenset({1, 2}))
-    assert c1 != signatures.consistency_message(os.urandom(32), frozenset({1, 2, 3}))
+    u1 = frozenset({1, 2, 3, 4})
+    c1 = signatures.consistency_message(s, 1, c_pub, s_pub, frozenset({3, 1, 2}), u1)
+    assert c1 == signatures.consistency_message(s, 1, c_pub, s_pub, (1, 2, 3), (4, 3, 2, 1))   # order does not matter
+    assert c1 != signatures.consistency_message(s, 1, c_pub, s_pub, frozenset({1, 2}), u1)
+    assert c1 != signatures.consistency_message(os.urandom(32), 1, c_pub, s_pub, frozenset({1, 2, 3}), u1)
+    assert c1 != signatures.consistency_message(s, 2, c_pub, s_pub, frozenset({1, 2, 3}), u1)           # signer's seat
+    assert c1 != signatures.consistency_message(s, 1, s_pub, c_pub, frozenset({1, 2, 3}), u1)           # signer's keys
+    assert c1 != signatures.consistency_message(s, 1, c_pub, os.urandom(32), frozenset({1, 2, 3}), u1)
+    assert c1 != signatures.consistency_message(s, 1, c_pub, s_pub, frozenset({1, 2, 3}), u1 - {4})     # the U1 it saw
+    # the boundary between U3 and U1 is not ambiguous
+    assert (signatures.consistency_message(s, 1, c_pub, s_pub, (1, 2), (3,))
+            != signatures.consistency_message(s, 1, c_pub, s_pub, (1,), (2, 3)))
     assert c1 != base
+    b = signatures.self_mask_commitment(s, 1, bytes(32))
+    assert len(b) == 32 and b == signatures.self_mask_commitment(s, 1, bytes(32))
+    assert b != signatures.self_mask_commitment(os.urandom(32), 1, bytes(32))
+    assert b != signatures.self_mask_commitment(s, 2, bytes(32))
+    assert b != signatures.self_mask_commitment(s, 1, bytes(31) + b"\x01")
 
 
 # ============================================================================ Shamir
@@ -517,20 +532,47 @@ def test_shamir_inconsistent_shares_detected_by_size_check() -> None:
 # ============================================================================ graphs
 
 
+def _config(m: int, k: int | None, tag: bytes = b"") -> tuple[GroupConfig, dict[int, bytes]]:
+    """A config with fresh commitments and the contributions that open them."""
+    contributions = {i: os.urandom(32) for i in range(1, m + 1)}
+    commitments = tuple(graph.commit_contribution(contributions[i]) for i in range(1, m + 1))
+    cfg = GroupConfig(session=b"s" * 16 + tag, members=m, threshold=1, dim=1, neighbors=k, commitments=commitments)
+    return cfg, contributions
+
+
+def _ring(m: int) -> list[int]:
+    return [int(u) for u in np.random.default_rng(int.from_bytes(os.urandom(4), "big")).permutation(m) + 1]
+
+
 def test_complete_graph() -> None:
     g = graph.complete(5)
     assert sorted(g) == [1, 2, 3, 4, 5]
     for u, nb in g.items():
         assert nb == frozenset(range(1, 6)) - {u}
-    assert graph.build(5, None, os.urandom(32)) == g
-    with pytest.raises(ValueError):
-        graph.build(1, None, bytes(32))
+    cfg, contributions = _config(5, None)
+    assert not cfg.sparse and cfg.degree == 4
+    assert graph.for_group(cfg) == graph.for_group(cfg, contributions) == g   # no ring for the complete graph
+    assert graph.for_group(_config(5, 4)[0]) == g                             # k >= m - 1 is complete too
+    with pytest.raises(ValueError):                                           # (was graph.build(1, ...))
+        GroupConfig(session=bytes(16), members=1, threshold=1, dim=1)
+
+
+def test_contribution_commitment() -> None:
+    c = os.urandom(32)
+    assert graph.commit_contribution(c) == graph.commit_contribution(c) == graph.commit_contribution_or_none(c)
+    assert len(graph.commit_contribution(c)) == 32
+    assert graph.commit_contribution(c) != graph.commit_contribution(os.urandom(32))
+    assert graph.commit_contribution(c) != c
+    for bad in (b"", c[:31], c + b"x"):
+        with pytest.raises(ValueError, match="32 random bytes"):
+            graph.commit_contribution(bad)
+        assert graph.commit_contribution_or_none(bad) is None
 
 
 @pytest.mark.parametrize("m, k", [(10, 2), (10, 4), (20, 6), (21, 8), (7, 4), (40, 10)])
 def test_harary_regular_symmetric_no_self_loops(m: int, k: int) -> None:
-    seed = os.urandom(32)
-    g = graph.harary(m, k, seed)
+    order = _ring(m)
+    g = graph.harary(order, k)
     assert sorted(g) == list(range(1, m + 1))
     for u, nb in g.items():
         assert len(nb) == k
@@ -538,8 +580,15 @@ def test_harary_regular_symmetric_no_self_loops(m: int, k: int) -> None:
         assert nb <= set(range(1, m + 1))
         for v in nb:
             assert u in g[v]
-    assert graph.harary(m, k, seed) == g                     # deterministic per seed
-    assert graph.build(m, k, seed) == g
+        assert graph.neighbourhood(order, k, u) == nb          # what a client computes alone
+    assert graph.harary(order, k) == g                         # deterministic per ring order
+    # neighbours are the k/2 nearest on each side of the ring
+    for p in (0, 3, m - 1):
+        assert g[order[p]] == {order[(p + d) % m] for d in range(-(k // 2), k // 2 + 1) if d}
+    # a group's graph is the Harary graph over the ring drawn from its opened contributions
+    cfg, contributions = _config(m, k)
+    assert cfg.sparse and cfg.degree == k
+    assert graph.for_group(cfg, contributions) == graph.harary(graph.ring_order(cfg, contributions), k)
     # the ring is connected: a BFS reaches everyone
     seen, todo = {1}, [1]
     while todo:
@@ -550,30 +599,52 @@ def test_harary_regular_symmetric_no_self_loops(m: int, k: int) -> None:
     assert len(seen) == m
 
 
-def test_harary_different_seeds_differ() -> None:
+def test_harary_different_contributions_differ() -> None:
+    """(Was: different graph seeds give different graphs.)  The ring is drawn from the members'
+    fresh contributions and the config digest: five groups with the same seats and settings but
+    fresh contributions get five different graphs; one group always gets the same."""
     m, k = 30, 4
-    graphs = {tuple(sorted((u, tuple(sorted(nb))) for u, nb in graph.harary(m, k, bytes([i]) * 32).items())) for i in range(5)}
+    graphs = set()
+    for i in range(5):
+        cfg, contributions = _config(m, k)
+        g = graph.for_group(cfg, contributions)
+        assert g == graph.for_group(cfg, dict(contributions))
+        graphs.add(tuple(sorted((u, tuple(sorted(nb))) for u, nb in g.items())))
     assert len(graphs) == 5
 
 
 @pytest.mark.parametrize("m, k", [(5, 4), (6, 5), (6, 6), (8, 7), (8, 100), (4, 3)])
 def test_harary_large_k_gives_complete(m: int, k: int) -> None:
-    assert graph.harary(m, k, os.urandom(32)) == graph.complete(m)
+    order = _ring(m)
+    assert graph.harary(order, k) == graph.complete(m)
+    assert all(graph.neighbourhood(order, k, u) == frozenset(range(1, m + 1)) - {u} for u in order)
 
 
 @pytest.mark.parametrize("m, k", [(10, 3), (10, 1), (20, 5), (10, 0)])
 def test_harary_rejects_odd_or_tiny_k(m: int, k: int) -> None:
     with pytest.raises(ValueError, match="even"):
-        graph.harary(m, k, os.urandom(32))
+        graph.harary(_ring(m), k)
+    with pytest.raises(ValueError, match="even"):                 # and no config can ask for it
+        GroupConfig(session=bytes(16), members=m, threshold=1, dim=1, neighbors=k)
+
+
+def test_ring_needs_every_commitment() -> None:
+    cfg, contributions = _config(10, 4)
+    with pytest.raises(ValueError, match="every member's commitment"):
+        graph.ring_order(GroupConfig(session=cfg.session, members=10, threshold=1, dim=1, neighbors=4), contributions)
+    order = graph.ring_order(cfg, contributions)
+    assert sorted(order) == list(range(1, 11))
 
 
 def test_recommended_degree_is_even_and_usable() -> None:
     for m in range(4, 200, 7):
         k = graph.recommended_degree(m)
-        g = graph.build(m, k, bytes(32))
+        assert 2 <= k <= m - 1
+        g = graph.harary(list(range(1, m + 1)), k)
         assert all(len(nb) >= min(k, m - 1) for nb in g.values())
         if k < m - 1:
             assert k % 2 == 0
+    assert [graph.recommended_degree(m) for m in (2, 3)] == [1, 2]   # complete
 
 
 # ============================================================================ thresholds

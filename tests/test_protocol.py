@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import itertools
 import json
 import weakref
@@ -26,6 +27,7 @@ from secagg.protocol.errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
+from secagg.protocol.policy import ClientPolicy, PolicyViolation
 from secagg.protocol.messages import (
     AdvertiseKeys,
     ConsistencyRequest,
@@ -50,6 +52,8 @@ PHASES = {
     ACTIVE: [Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.CONSISTENCY_CHECK, Phase.UNMASKING],
 }
 MODE_PHASES = [(mode, p) for mode in Mode for p in PHASES[mode]]
+# The in-memory server here is honest: the tests of the client's refusals pass stricter policies.
+LENIENT = ClientPolicy.lenient()
 
 
 # ============================================================================ helpers
@@ -59,12 +63,43 @@ def holders_of(m: int, neighbors: int | None) -> int:
     return m if neighbors is None or neighbors >= m - 1 else neighbors + 1
 
 
+def contribution_for(session: bytes, i: int) -> bytes:
+    """Seat i's fresh contribution in a config made by ``make_config`` (a function of its session)."""
+    return hashlib.sha256(b"test-contribution|" + session + i.to_bytes(4, "big")).digest()
+
+
+def contributions_of(cfg: GroupConfig) -> dict[int, bytes]:
+    """Every seat's contribution of a ``make_config`` config (checked against its commitments)."""
+    out = {i: contribution_for(cfg.session, i) for i in range(1, cfg.members + 1)}
+    assert tuple(graph.commit_contribution(out[i]) for i in range(1, cfg.members + 1)) == cfg.commitments
+    return out
+
+
 def make_config(m: int, mode: Mode = SEMI, *, neighbors: int | None = None, dim: int = DIM, bits: int = 32,
                 threshold: int | None = None, seed: int = 0) -> GroupConfig:
+    """A config with every member's commitment; ``contributions_of(cfg)`` opens them."""
     rng = np.random.default_rng(seed)
     t = thresholds.default(holders_of(m, neighbors), mode) if threshold is None else threshold
-    return GroupConfig(session=rng.bytes(32), members=m, threshold=t, dim=dim, modulus_bits=bits, mode=mode,
-                       neighbors=neighbors, graph_seed=rng.bytes(32))
+    session = rng.bytes(32)
+    commitments = tuple(graph.commit_contribution(contribution_for(session, i)) for i in range(1, m + 1))
+    return GroupConfig(session=session, members=m, threshold=t, dim=dim, modulus_bits=bits, mode=mode,
+                       neighbors=neighbors, commitments=commitments)
+
+
+def machine(cfg: GroupConfig, i: int, **kw: object) -> ClientMachine:
+    """Seat i's client machine: its own contribution and the lenient policy unless given."""
+    if "contribution" not in kw:
+        kw["contribution"] = contribution_for(cfg.session, i)
+    kw.setdefault("policy", LENIENT)
+    return ClientMachine(cfg, i, **kw)  # type: ignore[arg-type]
+
+
+def run_cfg(cfg: GroupConfig, inputs: Mapping[int, np.ndarray], **kw: object) -> driver.GroupRun:
+    """``run_group`` with the config's own contributions, so the graph that ran is ``cfg``'s."""
+    kw.setdefault("contributions", contributions_of(cfg))
+    out = run_group(cfg, inputs, **kw)  # type: ignore[arg-type]
+    assert out.config == cfg
+    return out
 
 
 def make_inputs(cfg: GroupConfig, seed: int = 1) -> dict[int, np.ndarray]:
@@ -86,9 +121,12 @@ def wrapped_sum(inputs: Mapping[int, np.ndarray], who: frozenset[int] | set[int]
     return total
 
 
-def safe_drops(cfg: GroupConfig, count: int) -> list[int]:
-    """``count`` clients whose loss leaves every secret with >= t live holders (for SecAgg+ graphs)."""
-    g = graph.build(cfg.members, cfg.neighbors, cfg.graph_seed)
+def safe_drops(cfg: GroupConfig, count: int, opened: Mapping[int, bytes] | None = None) -> list[int]:
+    """``count`` clients whose loss leaves every secret with >= t live holders (for SecAgg+ graphs).
+
+    The graph is the one drawn from the contributions opened at advertise-keys (all by default).
+    """
+    g = graph.for_group(cfg, contributions_of(cfg) if opened is None else opened)
     slack = len(next(iter(g.values()))) + 1 - cfg.threshold
     chosen: list[int] = []
     for v in range(cfg.members, 0, -1):
@@ -109,16 +147,17 @@ class Round:
     """
 
     def __init__(self, cfg: GroupConfig, inputs: Mapping[int, np.ndarray] | None = None, *,
-                 trusted: Mapping[int, set[bytes]] | None = None, min_group_size: int = 2,
+                 trusted: Mapping[int, set[bytes]] | None = None, policy: ClientPolicy = LENIENT,
                  randbytes: Mapping[int, Callable[[int], bytes]] | None = None) -> None:
         self.cfg = cfg
         self.inputs = dict(inputs) if inputs is not None else make_inputs(cfg)
         self.ids = make_identities(cfg)
         self.public_ids = None if self.ids is None else {i: signatures.public_key(k) for i, k in self.ids.items()}
+        self.contributions = contributions_of(cfg)
         self.clients = {
-            i: ClientMachine(cfg, i, identity_key=None if self.ids is None else self.ids[i],
-                             trusted_identities=(trusted or {}).get(i), min_group_size=min_group_size,
-                             **({"randbytes": randbytes[i]} if randbytes else {}))
+            i: machine(cfg, i, identity_key=None if self.ids is None else self.ids[i],
+                       trusted_identities=(trusted or {}).get(i), policy=policy,
+                       **({"randbytes": randbytes[i]} if randbytes else {}))
             for i in range(1, cfg.members + 1)
         }
         self.server = ServerMachine(cfg, identities=self.public_ids)
@@ -206,7 +245,7 @@ def flip(data: bytes, pos: int = 0) -> bytes:
 def test_exact_sum_without_dropouts(mode: Mode, bits: int) -> None:
     cfg = make_config(6, mode, bits=bits, seed=3)
     inputs = make_inputs(cfg)
-    run = run_group(cfg, inputs, identity_keys=make_identities(cfg))
+    run = run_cfg(cfg, inputs, identity_keys=make_identities(cfg))
     assert not run.aborted and not run.client_aborts
     assert run.result is not None
     assert run.result.survivors == run.result.responders == frozenset(range(1, 7))
@@ -222,7 +261,7 @@ def test_exact_sum_without_dropouts(mode: Mode, bits: int) -> None:
 def test_exact_sum_with_dropout_before_each_phase(mode: Mode, phase: Phase) -> None:
     cfg = make_config(7, mode, seed=11)
     inputs = make_inputs(cfg)
-    run = run_group(cfg, inputs, drops={phase: {3}}, identity_keys=make_identities(cfg))
+    run = run_cfg(cfg, inputs, drops={phase: {3}}, identity_keys=make_identities(cfg))
     assert not run.aborted, run.aborted
     assert run.result is not None
     # a client that vanished after sending its masked input is still in the sum
@@ -244,7 +283,7 @@ def test_exact_sum_with_several_dropouts_at_several_phases(mode: Mode, bits: int
         drops = {Phase.ADVERTISE_KEYS: {1}, Phase.SHARE_KEYS: {2, 12}, Phase.MASKED_INPUT: {5}, Phase.UNMASKING: {8}}
     else:
         drops = {Phase.SHARE_KEYS: {2}, Phase.MASKED_INPUT: {5}, Phase.CONSISTENCY_CHECK: {8}}
-    run = run_group(cfg, inputs, drops=drops, identity_keys=make_identities(cfg))
+    run = run_cfg(cfg, inputs, drops=drops, identity_keys=make_identities(cfg))
     assert not run.aborted, run.aborted
     assert run.result is not None
     gone_before_input = set().union(*(v for p, v in drops.items() if p <= Phase.MASKED_INPUT))
@@ -262,7 +301,7 @@ def test_exact_sum_secagg_plus_graph(mode: Mode) -> None:
     assert cfg.threshold == thresholds.minimum(k + 1, mode)
     inputs = make_inputs(cfg)
     ids = make_identities(cfg)
-    run = run_group(cfg, inputs, identity_keys=ids)
+    run = run_cfg(cfg, inputs, identity_keys=ids)
     assert not run.aborted and run.result is not None
     assert np.array_equal(run.result.total, wrapped_sum(inputs, frozenset(range(1, m + 1)), cfg))
     # now with dropouts spread over the phases, chosen so every secret keeps t live holders
@@ -270,7 +309,7 @@ def test_exact_sum_secagg_plus_graph(mode: Mode) -> None:
     last = Phase.CONSISTENCY_CHECK if mode is ACTIVE else Phase.UNMASKING
     phases = [Phase.SHARE_KEYS, Phase.MASKED_INPUT, last]
     drops = {p: {v} for p, v in zip(phases, gone, strict=True)}
-    run = run_group(cfg, inputs, drops=drops, identity_keys=ids)
+    run = run_cfg(cfg, inputs, drops=drops, identity_keys=ids)
     assert not run.aborted, run.aborted
     assert run.result is not None
     expected = frozenset(range(1, m + 1)) - {gone[0], gone[1]}
@@ -283,7 +322,11 @@ def test_secagg_plus_client_ignores_keys_of_non_neighbours() -> None:
     r = Round(cfg)
     r.step(Phase.ADVERTISE_KEYS)
     everyone = tuple(r.sent[Phase.ADVERTISE_KEYS][i] for i in range(1, 13))  # type: ignore[misc]
-    out = r.clients[1].share_keys(KeysBroadcast(everyone))
+    b = r.inbox[1]
+    assert isinstance(b, KeysBroadcast) and len(b.keys) == 5
+    out = r.clients[1].share_keys(KeysBroadcast(everyone, b.contributions))
+    assert r.clients[1].neighbors == graph.for_group(cfg, r.contributions)[1] == r.server.neighbors[1]
+    assert len(r.clients[1].neighbors) == 4
     assert {s.receiver for s in out.shares} == r.clients[1].neighbors
 
 
@@ -329,8 +372,10 @@ def test_server_aborts_rather_than_release_a_corrupt_sum() -> None:
 def test_secagg_plus_each_client_talks_only_to_its_neighbours() -> None:
     cfg = make_config(20, SEMI, neighbors=4, seed=2)
     r = Round(cfg)
+    assert r.server.neighbors == {}          # the SecAgg+ ring exists only once the contributions open
     r.step(Phase.ADVERTISE_KEYS)
-    g = graph.build(20, 4, cfg.graph_seed)
+    g = graph.for_group(cfg, r.contributions)
+    assert r.server.neighbors == g and all(len(nb) == 4 for nb in g.values())
     for i, msg in r.inbox.items():
         assert isinstance(msg, KeysBroadcast)
         assert {k.index for k in msg.keys} == g[i] | {i}
@@ -348,7 +393,7 @@ def test_secagg_plus_each_client_talks_only_to_its_neighbours() -> None:
 def test_round_aborts_when_fewer_than_t_remain(mode: Mode, phase: Phase) -> None:
     cfg = make_config(6, mode, seed=4)               # t = 4 (semi) / 5 (active)
     gone = set(range(1, 6 - cfg.threshold + 2))      # leaves t - 1
-    run = run_group(cfg, make_inputs(cfg), drops={phase: gone}, identity_keys=make_identities(cfg))
+    run = run_cfg(cfg, make_inputs(cfg), drops={phase: gone}, identity_keys=make_identities(cfg))
     assert run.aborted
     assert "threshold" in run.aborted
     assert run.result is None
@@ -392,10 +437,12 @@ def test_client_aborts_on_survivor_set_below_t_or_without_itself() -> None:
 
 def test_client_refuses_a_group_smaller_than_its_privacy_floor_of_survivors() -> None:
     cfg = make_config(4, threshold=3, seed=1)
-    r = Round(cfg, min_group_size=4)
+    r = Round(cfg, policy=LENIENT.replace(min_group_size=4))
     r.run_until(Phase.MASKED_INPUT)
-    with pytest.raises(AbortError, match="privacy floor"):
+    with pytest.raises(AbortError, match="only 3 of the inputs summed .* below our privacy floor of 4"):
         r.clients[1].unmask(UnmaskRequest(frozenset({1, 2, 3}), frozenset({4})))
+    assert r.clients[1].state is ClientState.ABORTED
+    assert isinstance(r.clients[2].unmask(UnmaskRequest(frozenset({1, 2, 3, 4}), frozenset())), UnmaskResponse)
 
 
 # ============================================================================ the honest client's refusals
@@ -503,7 +550,7 @@ def test_client_refuses_share_from_non_peer_duplicate_or_itself() -> None:
 
 def test_client_refuses_bad_key_broadcasts() -> None:
     cfg = make_config(6, seed=12)
-    other = ClientMachine(cfg, 1).advertise_keys()
+    other = machine(cfg, 1).advertise_keys()
     cases: list[tuple[str, Callable[[list[AdvertiseKeys]], tuple[AdvertiseKeys, ...]]]] = [
         ("two key sets", lambda ks: tuple(ks) + (ks[2],)),
         ("echo our own keys", lambda ks: tuple(k for k in ks if k.index != 1)),
@@ -553,7 +600,7 @@ def test_active_server_rejects_unregistered_identity() -> None:
 
     def up(phase: Phase, i: int, msg: object) -> object:
         if i == 3 and isinstance(msg, AdvertiseKeys):   # validly signed, by a key nobody registered
-            body = signatures.keys_message(cfg.session, 3, msg.c_public, msg.s_public)
+            body = signatures.keys_message(cfg.digest, 3, msg.c_public, msg.s_public)
             return dataclasses.replace(msg, signature=signatures.sign(rogue, body), identity=signatures.public_key(rogue))
         return msg
 
@@ -568,7 +615,8 @@ def test_active_client_rejects_forwarded_bad_signature() -> None:
 
     def down(phase: Phase, i: int, msg: object) -> object:
         if i == 1 and isinstance(msg, KeysBroadcast):
-            return KeysBroadcast(tuple(dataclasses.replace(k, signature=flip(k.signature)) if k.index == 4 else k for k in msg.keys))
+            return dataclasses.replace(msg, keys=tuple(dataclasses.replace(k, signature=flip(k.signature)) if k.index == 4 else k
+                                                       for k in msg.keys))
         return msg
 
     r.run(down=down)
@@ -586,7 +634,7 @@ def test_active_client_rejects_substituted_keys_under_a_valid_identity() -> None
     r.step(Phase.ADVERTISE_KEYS)
     b = r.inbox[1]
     assert isinstance(b, KeysBroadcast)
-    fake = ClientMachine(cfg, 4, identity_key=bytes([77]) * 32).advertise_keys()
+    fake = machine(cfg, 4, identity_key=bytes([77]) * 32).advertise_keys()
     swapped = KeysBroadcast(tuple(dataclasses.replace(k, c_public=fake.c_public) if k.index == 4 else k for k in b.keys))
     with pytest.raises(RemoteProtocolError) as info:
         r.clients[1].share_keys(swapped)
@@ -612,10 +660,10 @@ def test_active_client_refuses_one_identity_signing_for_several_members() -> Non
     """A server (or sybil) whose one trusted key signs seats 2..5 would otherwise isolate client 1."""
     cfg = make_config(5, ACTIVE, seed=36)
     mallory = bytes([99]) * 32
-    victim = ClientMachine(cfg, 1, identity_key=bytes([1]) * 32,
-                           trusted_identities={signatures.public_key(bytes([1]) * 32), signatures.public_key(mallory)})
+    victim = machine(cfg, 1, identity_key=bytes([1]) * 32, policy=ClientPolicy(),   # the default policy accepts the round
+                     trusted_identities={signatures.public_key(bytes([1]) * 32), signatures.public_key(mallory)})
     mine = victim.advertise_keys()
-    others = [ClientMachine(cfg, i, identity_key=mallory).advertise_keys() for i in range(2, 6)]
+    others = [machine(cfg, i, identity_key=mallory).advertise_keys() for i in range(2, 6)]
     with pytest.raises(AbortError, match="one identity key signs for several members"):
         victim.share_keys(KeysBroadcast((mine, *others)))
     assert victim.state is ClientState.ABORTED
@@ -626,7 +674,7 @@ def test_active_client_checks_identities_pinned_per_member() -> None:
     keys = {i: bytes([i]) * 32 for i in range(1, 6)}
     pinned = {i: signatures.public_key(k) for i, k in keys.items()}
     pinned[4] = signatures.public_key(bytes([44]) * 32)   # out of band we expect another key for seat 4
-    machines = {i: ClientMachine(cfg, i, identity_key=k, pinned_identities=pinned if i == 1 else None) for i, k in keys.items()}
+    machines = {i: machine(cfg, i, identity_key=k, pinned_identities=pinned if i == 1 else None) for i, k in keys.items()}
     broadcast = KeysBroadcast(tuple(m.advertise_keys() for m in machines.values()))
     with pytest.raises(AbortError, match="client 4's identity key is not the one pinned"):
         machines[1].share_keys(broadcast)
@@ -669,11 +717,14 @@ def test_active_client_refuses_bad_or_too_few_consistency_signatures() -> None:
     assert info.value.reason is DropReason.BAD_SIGNATURE and info.value.index == 3
     assert r.clients[1].state is ClientState.ABORTED
     # a signature over another survivor set does not verify either
-    other_set = signatures.consistency_message(cfg.session, req.survivors - {7})
+    k4 = r.sent[Phase.ADVERTISE_KEYS][4]
+    assert isinstance(k4, AdvertiseKeys)
+    other_set = signatures.consistency_message(cfg.digest, 4, k4.c_public, k4.s_public, req.survivors - {7}, frozenset(range(1, 8)))
     forged = tuple(ConsistencySignature(s.index, signatures.sign(bytes([s.index]) * 32, other_set)) if s.index == 4 else s
                    for s in req.signatures)
-    with pytest.raises(RemoteProtocolError):
+    with pytest.raises(RemoteProtocolError) as info:
         r.clients[2].unmask(UnmaskRequest(req.survivors, req.dropped, forged))
+    assert info.value.reason is DropReason.BAD_SIGNATURE and info.value.index == 4
     # too few (t - 1) valid signatures
     few = req.signatures[: cfg.threshold - 1]
     with pytest.raises(AbortError, match="valid consistency signatures"):
@@ -730,40 +781,72 @@ def test_active_server_rejects_bad_consistency_signature() -> None:
 @pytest.mark.parametrize("mode", list(Mode))
 @pytest.mark.parametrize("neighbors", [None, 4])
 def test_client_refuses_unsafe_threshold(mode: Mode, neighbors: int | None) -> None:
+    """The policy's threshold floor is the mode's own (semi-honest only with the explicit opt-in);
+    k = 4 < recommended_degree(10) needs min_neighbors=4 to get as far as the threshold check."""
     m = 10
     holders = holders_of(m, neighbors)
     t_min = thresholds.minimum(holders, mode)
     ident = bytes(32) if mode is ACTIVE else None
+    policy = ClientPolicy.semi_honest(min_neighbors=4) if mode is SEMI else ClientPolicy(min_neighbors=4)
     for t in (1, t_min - 1, holders + 1):
         cfg = make_config(m, mode, neighbors=neighbors, threshold=t)
-        with pytest.raises(AbortError, match=f"threshold {t} is unsafe"):
-            ClientMachine(cfg, 1, identity_key=ident)
+        with pytest.raises(PolicyViolation, match=rf"threshold is {t}, policy requires {t_min}\.\.{holders} "
+                                                  rf"for {holders} share holders \({mode.value} floor\)") as info:
+            machine(cfg, 1, identity_key=ident, policy=policy)
+        assert isinstance(info.value, AbortError)
+        assert (info.value.setting, info.value.offered) == ("threshold", t)
     for t in (t_min, holders):
-        ClientMachine(make_config(m, mode, neighbors=neighbors, threshold=t), 1, identity_key=ident)
+        machine(make_config(m, mode, neighbors=neighbors, threshold=t), 1, identity_key=ident, policy=policy)
 
 
 def test_client_refuses_group_below_min_group_size() -> None:
     cfg = make_config(5)
-    with pytest.raises(AbortError, match="privacy floor of 6"):
-        ClientMachine(cfg, 1, min_group_size=6)
-    ClientMachine(cfg, 1, min_group_size=5)
-    run = run_group(cfg, make_inputs(cfg), min_group_size=5)
-    assert not run.aborted
-    with pytest.raises(AbortError):
-        run_group(cfg, make_inputs(cfg), min_group_size=6)
+    floor6, floor5 = LENIENT.replace(min_group_size=6), LENIENT.replace(min_group_size=5)
+    with pytest.raises(PolicyViolation, match=r"members is 5, policy requires at least 6 \(min_group_size\)") as info:
+        machine(cfg, 1, policy=floor6)
+    assert (info.value.setting, info.value.offered) == ("members", 5)
+    machine(cfg, 1, policy=floor5)
+    inputs = make_inputs(cfg)
+    run = run_cfg(cfg, inputs, policy=floor5)
+    assert not run.aborted and run.result is not None
+    assert np.array_equal(run.result.total, wrapped_sum(inputs, frozenset(range(1, 6)), cfg))
+    with pytest.raises(AbortError, match="min_group_size"):
+        run_cfg(cfg, inputs, policy=floor6)
 
 
 def test_machine_construction_errors() -> None:
     cfg = make_config(5)
     for bad in (0, 6, -1):
         with pytest.raises(LocalProtocolError, match="outside"):
-            ClientMachine(cfg, bad)
+            machine(cfg, bad, contribution=contribution_for(cfg.session, 1))
     with pytest.raises(LocalProtocolError, match="identity key"):
-        ClientMachine(make_config(5, ACTIVE), 1)
+        machine(make_config(5, ACTIVE), 1)
     with pytest.raises(LocalProtocolError, match="identity keys"):
         ServerMachine(make_config(5, ACTIVE))
     with pytest.raises(ValueError, match="identity_keys"):
-        run_group(make_config(5, ACTIVE), make_inputs(make_config(5, ACTIVE)))
+        run_cfg(make_config(5, ACTIVE), make_inputs(make_config(5, ACTIVE)))
+    # the contribution must open this seat's commitment; a config must carry every commitment
+    with pytest.raises(AbortError, match="does not carry our commitment at our seat"):
+        machine(cfg, 1, contribution=contribution_for(cfg.session, 2))
+    with pytest.raises(PolicyViolation, match=r"commitments is 0, policy requires one per member \(5\)"):
+        machine(dataclasses.replace(cfg, commitments=()), 1)
+    with pytest.raises(ValueError, match="needs the members' contributions"):
+        run_group(cfg, make_inputs(cfg))
+
+
+def test_driver_draws_fresh_contributions_for_a_config_without_commitments() -> None:
+    bare = dataclasses.replace(make_config(5, seed=17), commitments=())
+    inputs = make_inputs(bare)
+    runs = [run_group(bare, inputs) for _ in range(2)]
+    for out in runs:
+        assert out.result is not None and not out.aborted
+        assert np.array_equal(out.result.total, wrapped_sum(inputs, frozenset(range(1, 6)), bare))
+        assert out.config is not None and dataclasses.replace(out.config, commitments=()) == bare
+        assert len(out.config.commitments) == 5 and len(set(out.config.commitments)) == 5
+    assert runs[0].config.commitments != runs[1].config.commitments   # type: ignore[union-attr]
+    fixed, contributions = driver.with_contributions(bare, deterministic_randbytes(bytes(32)))
+    assert fixed.commitments == tuple(graph.commit_contribution(contributions[i]) for i in range(1, 6))
+    assert driver.with_contributions(bare, deterministic_randbytes(bytes(32)))[0] == fixed
 
 
 # ============================================================================ server: bad input
@@ -800,7 +883,7 @@ def test_server_duplicate_message_is_rejected_and_first_stands() -> None:
             r.server.receive(msg)                 # the genuine message first
             first[phase] = msg
             if isinstance(msg, AdvertiseKeys):    # then a different one
-                return ClientMachine(cfg, 2).advertise_keys()
+                return machine(cfg, 2).advertise_keys()
             return MaskedInput(2, np.zeros(cfg.dim, dtype=cfg.dtype))
         return msg
 
@@ -913,7 +996,7 @@ def test_server_after_done_or_abort_refuses_everything() -> None:
 def test_server_waiting_for_and_timeouts() -> None:
     cfg = make_config(5, seed=48)
     s = ServerMachine(cfg)
-    clients = {i: ClientMachine(cfg, i) for i in range(1, 6)}
+    clients = {i: machine(cfg, i) for i in range(1, 6)}
     assert s.waiting_for() == frozenset(range(1, 6))
     for i in (1, 2, 3, 4):
         s.receive(clients[i].advertise_keys())
@@ -944,7 +1027,7 @@ def test_every_disallowed_state_method_pair_is_a_local_protocol_error(mode: Mode
     pairs = [(s, m) for s, m in itertools.product(ClientState, TRANSITIONS) if s not in TRANSITIONS[m][0]]
     assert len(pairs) == len(ClientState) * len(TRANSITIONS) - sum(len(v) for v, _ in TRANSITIONS.values())
     for state, method in pairs:
-        c = ClientMachine(cfg, 1, identity_key=ident)
+        c = machine(cfg, 1, identity_key=ident)
         c.state = state
         with pytest.raises(LocalProtocolError, match=f"{method} is not allowed in state {state.value}"):
             _call(c, method)
@@ -1016,7 +1099,8 @@ def _recording_server(monkeypatch: pytest.MonkeyPatch) -> list[dict[int, np.ndar
 
 @pytest.mark.parametrize("mode", list(Mode))
 def test_deterministic_randbytes_reproduce_masked_vectors_and_aggregate(mode: Mode, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = make_config(6, mode, seed=61)
+    # no commitments: the driver draws each member's contribution from its own source too
+    cfg = dataclasses.replace(make_config(6, mode, seed=61), commitments=())
     inputs = make_inputs(cfg)
     ids = make_identities(cfg)
     runs = _recording_server(monkeypatch)
@@ -1029,6 +1113,7 @@ def test_deterministic_randbytes_reproduce_masked_vectors_and_aggregate(mode: Mo
     b = run_group(cfg, inputs, drops=drops, identity_keys=ids, randbytes=sources(b"a"))
     c = run_group(cfg, inputs, drops=drops, identity_keys=ids, randbytes=sources(b"c"))
     assert len(runs) == 3
+    assert a.config == b.config and a.config != c.config      # same seeds: same contributions, same digest
     assert set(runs[0]) == {1, 2, 3, 5, 6}
     for i in runs[0]:
         assert np.array_equal(runs[0][i], runs[1][i])         # same seeds: identical masked vectors
@@ -1132,7 +1217,7 @@ def test_server_refuses_a_non_client_message_with_local_protocol_error(msg: obje
 def test_server_deadline_is_injected_time() -> None:
     """The core never reads a clock: the caller passes ``now`` and asks whether the phase is due."""
     cfg = make_config(4, seed=90)
-    clients = {i: ClientMachine(cfg, i) for i in range(1, 5)}
+    clients = {i: machine(cfg, i) for i in range(1, 5)}
     server = ServerMachine(cfg, phase_seconds=10.0, now=100.0)
     assert server.deadline == 110.0 and not server.ready_to_close(now=109.9)
     for i in (1, 2, 3):

@@ -39,8 +39,9 @@ def test_a_restart_closes_rounds_left_running(tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"threshold": 0.4}, "unsafe in semi-honest mode"),
+    ({"threshold": 0.4, "mode": "semi-honest"}, "unsafe in semi-honest mode"),
     ({"threshold": 0.6, "mode": "active"}, "unsafe in active mode"),
+    ({"threshold": 0.6}, "unsafe in active mode"),           # the default mode is active
     ({"threshold": 2, "min_clients": 6}, "does not fit groups of 6"),
     ({"address": "127.0.0.1:99999"}, "port in 0..65535"),
     ({"groups": 0}, "groups must be at least 1"),
