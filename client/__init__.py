@@ -7,7 +7,7 @@
 from secagg.protocol.policy import ClientPolicy
 
 from .api import AsyncClient, Client, RoundInfo, RoundOutcome
-from .errors import ClientError, ConnectionFailed, PolicyRefused, Rejected, RoundAborted, RoundFailed
+from .errors import ClientError, ConnectionFailed, CredentialsError, PolicyRefused, Rejected, RoundAborted, RoundFailed
 
-__all__ = ["AsyncClient", "Client", "ClientError", "ClientPolicy", "ConnectionFailed", "PolicyRefused", "Rejected", "RoundAborted",
+__all__ = ["AsyncClient", "Client", "ClientError", "ClientPolicy", "ConnectionFailed", "CredentialsError", "PolicyRefused", "Rejected", "RoundAborted",
            "RoundFailed", "RoundInfo", "RoundOutcome"]

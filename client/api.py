@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import math
 import os
 import secrets
 import time
@@ -33,9 +34,9 @@ from secagg.protocol.signatures import sign
 from secagg.v1 import secagg_pb2 as pb
 from secagg.v1 import secagg_pb2_grpc as pb_grpc
 from secagg.wire import convert
-from secagg.wire.identity import CLIENT_ID, hello_message, identity_public_key, load_identity_key, read_message
+from secagg.wire.identity import CLIENT_ID, PKIError, hello_message, identity_public_key, load_identity_key, read_message
 
-from .errors import ClientError, ConnectionFailed, PolicyRefused, Rejected, RoundAborted, RoundFailed
+from .errors import ClientError, ConnectionFailed, CredentialsError, PolicyRefused, Rejected, RoundAborted, RoundFailed
 from .tls import fetch_server_binding
 
 log = logging.getLogger("secagg.client")
@@ -82,7 +83,7 @@ def _read_bytes(value: bytes | str | os.PathLike[str] | None, what: str) -> byte
     try:
         return Path(value).read_bytes()
     except OSError as exc:
-        raise ClientError(f"cannot read {what} {value}: {exc.strerror}") from None
+        raise CredentialsError(f"cannot read {what} {value}: {exc.strerror}") from None
 
 
 @dataclass
@@ -95,7 +96,7 @@ class ClientSettings:
     client_key: bytes | str | os.PathLike[str] | None = field(default=None, repr=False)
     server_name: str | None = None           # TLS name override (e.g. "localhost")
     connect_timeout: float = 10.0
-    retries: int = 5                         # connection attempts after the first
+    retries: int = 3                         # connection attempts after the first (refused, timed out)
     backoff: float = 0.5                     # first retry delay, doubled each time (with jitter)
     wait_seconds: float = 300.0              # how long to wait in the lobby for a round
     policy: ClientPolicy = field(default_factory=ClientPolicy)   # what a round must satisfy (checked before any key exists)
@@ -111,9 +112,20 @@ class AsyncClient:
         self.settings = ClientSettings(address, ca_cert, identity_key, client_id, **options)  # type: ignore[arg-type]
         if not CLIENT_ID.fullmatch(client_id):
             raise ClientError("client_id must match [A-Za-z0-9._-]{1,64}")
-        key = self.settings.identity_key
-        self._identity = key if isinstance(key, bytes) else load_identity_key(key)
         s = self.settings
+        for name in ("connect_timeout", "backoff", "wait_seconds"):
+            value = getattr(s, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ClientError(f"{name} must be a positive number of seconds, got {value!r}")
+        if isinstance(s.retries, bool) or not isinstance(s.retries, int) or s.retries < 0:
+            raise ClientError(f"retries must be a non-negative integer, got {s.retries!r}")
+        key = s.identity_key
+        try:
+            self._identity = key if isinstance(key, bytes) else load_identity_key(key)
+            if isinstance(key, bytes):
+                identity_public_key(key)   # 32 raw bytes, or a clear error now
+        except (PKIError, ValueError) as exc:
+            raise CredentialsError(str(exc)) from None
         self._credentials = grpc.ssl_channel_credentials(
             root_certificates=_read_bytes(s.ca_cert, "CA certificate"),
             private_key=_read_bytes(s.client_key, "client key"),
@@ -139,28 +151,38 @@ class AsyncClient:
             self._channel = None
 
     async def _connect(self) -> grpc.aio.Channel:
+        """A ready channel.  Each attempt first opens one verified TLS connection of our own (it
+        reads the server certificate we bind to, and names the cause of a failure); causes that
+        retrying cannot fix fail at once, the others are retried with backoff and logged."""
         if self._channel is not None:
             return self._channel
         s = self.settings
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         if s.server_name:
             options.append(("grpc.ssl_target_name_override", s.server_name))
-        delay = s.backoff
+        delay, cause = s.backoff, ""
         for attempt in range(s.retries + 1):
-            channel = grpc.aio.secure_channel(s.address, self._credentials, options=options)
             try:
-                await asyncio.wait_for(channel.channel_ready(), s.connect_timeout)
+                await self.server_binding()
+                channel = grpc.aio.secure_channel(s.address, self._credentials, options=options)
+                try:
+                    await asyncio.wait_for(channel.channel_ready(), s.connect_timeout)
+                except (TimeoutError, grpc.aio.AioRpcError):
+                    await channel.close()
+                    raise ConnectionFailed(f"gRPC channel to {s.address} not ready within {s.connect_timeout:g} s") from None
                 self._channel = channel
                 return channel
-            except (TimeoutError, grpc.aio.AioRpcError):
-                await channel.close()
-                if attempt == s.retries:
-                    break
-                wait = delay * (0.5 + secrets.SystemRandom().random())
-                log.info("cannot reach %s (attempt %d), retrying in %.1f s", s.address, attempt + 1, wait)
-                await asyncio.sleep(wait)
-                delay *= 2
-        raise ConnectionFailed(f"cannot reach {s.address} after {s.retries + 1} attempts; is the server running and the CA right?")
+            except ConnectionFailed as exc:
+                if not exc.retryable:
+                    raise
+                cause = str(exc)
+            if attempt == s.retries:
+                break
+            wait = delay * (0.5 + secrets.SystemRandom().random())
+            log.warning("%s (attempt %d of %d); retrying in %.1f s", cause, attempt + 1, s.retries + 1, wait)
+            await asyncio.sleep(wait)
+            delay *= 2
+        raise ConnectionFailed(f"cannot reach {s.address} after {s.retries + 1} attempts: {cause}")
 
     async def server_binding(self) -> bytes:
         """SHA-256 of the certificate the server presents, read over our own verified TLS connection:

@@ -8,7 +8,16 @@ class ClientError(Exception):
 
 
 class ConnectionFailed(ClientError):
-    """The server could not be reached after all retries."""
+    """The server could not be reached; the message says why. ``retryable`` is False when
+    retrying cannot help (certificate, name, missing client certificate)."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class CredentialsError(ClientError):
+    """An identity key, certificate or CA file that cannot be used (missing, unreadable, wrong type)."""
 
 
 class Rejected(ClientError):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from grpc_harness import DIM, TEST_POLICY, async_test, running_server, update_of
 
-from secagg.client import AsyncClient, Client, ConnectionFailed, Rejected
+from secagg.client import AsyncClient, Client, ClientError, ConnectionFailed, Rejected
 from secagg.server.config import ConfigError, load
 from secagg.server.store import Store
 from secagg.server.tls import write_dev_pki
@@ -29,8 +29,9 @@ async def test_mutual_tls_admits_a_client_certificate_and_refuses_none(tmp_path)
     async with running_server(tmp_path, 3, client_ca=str(pki.ca_cert), tls_cert=str(pki.server_cert), tls_key=str(pki.server_key)) as h:
         # no client certificate: the TLS handshake fails, so the connection never becomes ready
         bare = AsyncClient(h.address, ca_cert=pki.ca_cert, identity_key=h.keys["c0"], client_id="c0", retries=0, connect_timeout=2, policy=TEST_POLICY)
-        with pytest.raises(ConnectionFailed, match="after 1 attempts"):
+        with pytest.raises(ConnectionFailed, match="requires a client certificate") as exc:
             await bare.status()
+        assert not exc.value.retryable
         await bare.close()
 
         async def one(c: str):
@@ -74,7 +75,7 @@ async def test_unreachable_server_gives_connection_failed_with_advice(tmp_path):
     pki = write_dev_pki(tmp_path / "none")
     c = AsyncClient(f"127.0.0.1:{_free_port()}", ca_cert=pki.ca_cert, identity_key=bytes(32), client_id="c0", retries=1,
                     backoff=0.05, connect_timeout=0.3)
-    with pytest.raises(ConnectionFailed, match="after 2 attempts; is the server running"):
+    with pytest.raises(ConnectionFailed, match="after 2 attempts: connection refused .*is the server running"):
         await c.participate(np.zeros(3))
     await c.close()
 
@@ -124,3 +125,39 @@ def test_toml_settings_and_flag_overrides(tmp_path):
         load(None, {"tls_cert": "c", "tls_key": "k", "groups": 2, "min_clients": 4})
     with pytest.raises(ConfigError, match="unknown rule"):
         load(None, {"tls_cert": "c", "tls_key": "k", "rule": "mode"})
+
+
+@async_test
+async def test_wrong_ca_fails_at_once_and_says_so(tmp_path):
+    """A certificate our CA does not verify cannot be fixed by retrying: no backoff, a precise cause."""
+    other = write_dev_pki(tmp_path / "other")
+    async with running_server(tmp_path, 3) as h:
+        c = AsyncClient(h.address, ca_cert=other.ca_cert, identity_key=h.keys["c0"], client_id="c0", retries=5, backoff=5.0,
+                        policy=TEST_POLICY)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(ConnectionFailed, match="certificate our CA does not verify") as exc:
+            await c.status()
+        assert not exc.value.retryable and loop.time() - t0 < 4.0   # far below one 5 s backoff: no retry happened
+        await c.close()
+
+
+@pytest.mark.parametrize("option, value", [("connect_timeout", float("nan")), ("connect_timeout", -1.0), ("wait_seconds", 0),
+                                           ("backoff", float("inf")), ("retries", -1), ("retries", 1.5)])
+def test_nonsense_timeouts_are_refused(tmp_path, option, value):
+    pki = write_dev_pki(tmp_path / "p")
+    with pytest.raises(ClientError, match=option):
+        AsyncClient("127.0.0.1:1", ca_cert=pki.ca_cert, identity_key=bytes(32), client_id="c0", **{option: value})
+
+
+def test_unusable_identity_key_is_a_client_error(tmp_path):
+    from secagg.client import CredentialsError
+
+    pki = write_dev_pki(tmp_path / "p")
+    bad = tmp_path / "bad.identity"
+    bad.write_text("not a key")
+    for key in (bad, tmp_path / "missing.identity", b"short"):
+        with pytest.raises(CredentialsError):
+            AsyncClient("127.0.0.1:1", ca_cert=pki.ca_cert, identity_key=key, client_id="c0")
+    with pytest.raises(CredentialsError, match="CA certificate"):
+        AsyncClient("127.0.0.1:1", ca_cert=tmp_path / "no-ca.pem", identity_key=bytes(32), client_id="c0")
