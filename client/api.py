@@ -133,6 +133,7 @@ class AsyncClient:
         )
         self._channel: grpc.aio.Channel | None = None
         self._binding: bytes | None = None
+        self._last_read_ms = 0
         if not isinstance(s.policy, ClientPolicy):
             raise ClientError("policy must be a secagg.client.ClientPolicy")
 
@@ -197,7 +198,8 @@ class AsyncClient:
     async def _read_auth(self, method: str, argument: int = 0) -> pb.ReadAuth:
         s = self.settings
         binding = await self.server_binding()
-        ts = int(time.time() * 1000)
+        # Ed25519 is deterministic and the server accepts each signature once: never reuse a timestamp.
+        ts = self._last_read_ms = max(int(time.time() * 1000), self._last_read_ms + 1)
         sig = sign(self._identity, read_message(method, binding, s.client_id, ts, argument))
         return pb.ReadAuth(client_id=s.client_id, timestamp_ms=ts, server_binding=binding, signature=sig)
 

@@ -91,6 +91,8 @@ class ClientMachine:
         self.policy.check(config, pinned=pinned)          # raises PolicyViolation (an AbortError)
         if not 1 <= index <= config.members:
             raise LocalProtocolError(f"index {index} outside 1..{config.members}")
+        if len(contribution) != 32:
+            raise LocalProtocolError(f"a contribution is 32 random bytes, got {len(contribution)}")
         if graph.commit_contribution(contribution) != config.commitments[index - 1]:
             raise AbortError(f"client {index}: the round configuration does not carry our commitment at our seat "
                              "(replayed or forged configuration)")
