@@ -1,4 +1,4 @@
-"""Operator commands over the store: ``secagg rounds``, ``rollback``, ``register``, ``models``.
+"""Operator commands over the store: ``secagg rounds``, ``rollback``, ``verify``, ``register``, ``models``.
 
 They work on the SQLite file directly (WAL lets them run beside a live server), so an operator
 can inspect rounds, register clients or roll the model back without an admin RPC. The store is
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the rounds, rollback, register and models sub-commands."""
+    """Add the rounds, rollback, verify, register and models sub-commands."""
     p = subparsers.add_parser(
         "rounds",
         help="list round records, or show one in full",
@@ -43,7 +43,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _add_db(p)
     p.add_argument("--to", type=_positive_int, required=True, metavar="V", help="version to restore")
     p.add_argument("--reason", required=True, help="why (kept in the record)")
+    _add_key(p, "the server's ledger key (PEM private key); the new version is signed into the ledger")
     p.set_defaults(func=cmd_rollback)
+
+    p = subparsers.add_parser(
+        "verify",
+        help="check the tamper-evident ledger of model versions and rounds",
+        description="Verify the signed hash chain over model versions and finished rounds with the "
+        "ledger key file (private or public PEM; never read from the database). Exit 0 when it "
+        "verifies, 1 naming the first bad entry.",
+    )
+    _add_db(p)
+    _add_key(p, "the ledger key: the server's private key file or its public key (PEM)")
+    p.add_argument(
+        "--expect-head",
+        metavar="HEX",
+        help="an entry hash recorded earlier (a previous run's head): it must still be in the chain, "
+        "which is how a deleted tail is noticed",
+    )
+    p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser(
         "register",
@@ -79,6 +97,16 @@ def _add_db(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", required=True, metavar="PATH", help="the server's SQLite database")
 
 
+def _add_key(parser: argparse.ArgumentParser, help_: str) -> None:
+    parser.add_argument("--key", metavar="PATH", help=f"{help_} (default: DB.ledger-key)")
+
+
+def _key_path(args: argparse.Namespace) -> str:
+    from secagg.server.ledger import default_key_path
+
+    return args.key or default_key_path(args.db)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -89,14 +117,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _open(db: str, *, must_exist: bool = True) -> Store:
-    """Open the store, turning a missing file or a store failure into a one-line usage error."""
+def _open(db: str, *, must_exist: bool = True, ledger_key: str | None = None) -> Store:
+    """Open the store, turning a missing file or a store failure into a one-line usage error.
+
+    ``ledger_key``: path of the signing key, for commands whose writes are chained into the ledger.
+    """
+    from secagg.server.ledger import LedgerKeyError, load_private_key
     from secagg.server.store import Store, StoreError
 
     if must_exist and not Path(db).is_file():
         raise UsageError(f"no database at {db}; start a server with `secagg serve --db {db}` first")
+    key = None
+    if ledger_key is not None:
+        try:
+            key = load_private_key(ledger_key)
+        except LedgerKeyError as exc:
+            raise UsageError(f"{exc}; pass --key with the server's ledger_key file") from None
     try:
-        return Store(db)
+        return Store(db, ledger_key=key)
     except StoreError as exc:
         raise UsageError(str(exc)) from None
 
@@ -203,7 +241,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     """Append a version restoring --to."""
     from secagg.server.store import StoreError
 
-    with _open(args.db) as store:
+    with _open(args.db, ledger_key=_key_path(args)) as store:
         try:
             version = store.rollback(args.to, args.reason)
             digest = store.models()[-1].digest
@@ -262,3 +300,36 @@ def cmd_models(args: argparse.Namespace) -> int:
         ],
     )
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify the ledger: exit 0 with counts and the head hash, or 1 with the first bad entry."""
+    from secagg.server.ledger import LedgerError, LedgerKeyError, load_public_key, verify_ledger
+    from secagg.server.store import StoreError
+
+    key_path = _key_path(args)
+    try:
+        public_key = load_public_key(key_path)
+    except LedgerKeyError as exc:
+        raise UsageError(f"{exc}; pass --key with the server's ledger_key file (or its public key)") from None
+    if args.expect_head is not None and not _is_hash(args.expect_head):
+        raise UsageError(f"--expect-head must be 64 hex characters (an entry hash), got {args.expect_head!r}")
+    with _open(args.db) as store:
+        try:
+            summary = verify_ledger(store, public_key, expect_head=args.expect_head)
+        except StoreError as exc:
+            raise UsageError(str(exc)) from None
+        except LedgerError as exc:
+            print(f"secagg verify: error: {exc}", file=sys.stderr)   # one line, like every CLI error
+            return 1
+    adopted = f", {summary.adoptions} adoption" if summary.adoptions else ""
+    print(f"ledger OK: {summary.entries} entries ({summary.models} models, {summary.rounds} rounds{adopted}), "
+          f"head {summary.head}")
+    return 0
+
+
+def _is_hash(text: str) -> bool:
+    try:
+        return len(text.strip()) == 64 and len(bytes.fromhex(text.strip())) == 32
+    except ValueError:
+        return False

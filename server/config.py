@@ -30,6 +30,7 @@ class ServerConfig:
     tls_cert: str = ""                 # PEM server certificate (required: TLS is always on)
     tls_key: str = ""
     client_ca: str = ""                # set to require client certificates (mutual TLS)
+    ledger_key: str = ""               # PEM key signing the ledger; "" = db + ".ledger-key" (keep it elsewhere, 0600)
     public_reads: bool = False         # let any TLS peer download models and read the status (else: registered, signed)
     # the model
     dim: int = 1000                    # length of the update / model vector
@@ -63,6 +64,8 @@ class ServerConfig:
         host, sep, port = self.address.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ConfigError(f"address must be HOST:PORT with a port in 0..65535, got {self.address!r}")
+        if self.ledger_key and Path(self.ledger_key).resolve() == Path(self.db).resolve():
+            raise ConfigError("ledger_key must be its own file, not the database (keep it away from the database)")
         if self.dim < 1:
             raise ConfigError("dim must be positive")
         if self.min_clients < 3:
@@ -124,7 +127,7 @@ class ServerConfig:
 
     def settings(self) -> dict[str, Any]:
         """What a round record stores about how the round was run (no file paths or keys)."""
-        skip = {"address", "db", "tls_cert", "tls_key", "client_ca", "init_model"}
+        skip = {"address", "db", "tls_cert", "tls_key", "client_ca", "init_model", "ledger_key"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 

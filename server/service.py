@@ -20,6 +20,7 @@ from secagg.v1 import secagg_pb2_grpc as pb_grpc
 from secagg.wire.identity import CLIENT_ID, NONCE_BYTES, READ_WINDOW_SECONDS, PKIError, certificate_binding, hello_message, read_message
 
 from .config import ConfigError, ServerConfig
+from .ledger import LedgerError, LedgerKeyError, default_key_path, open_for_server
 from .rounds import AlreadyConnected, Coordinator
 from .session import Abort, Session
 from .store import Store, StoreError
@@ -229,6 +230,14 @@ async def start(cfg: ServerConfig, *, on_round: Callable[[str], None] | None = N
     except StoreError as exc:
         raise ConfigError(f"cannot open the database: {exc}") from None
     try:
+        key_path = cfg.ledger_key or default_key_path(cfg.db)
+        try:   # before any write: never extend a chain that does not verify
+            summary = open_for_server(store, key_path)
+        except (LedgerKeyError, StoreError) as exc:
+            raise ConfigError(f"cannot open the ledger: {exc}") from None
+        except LedgerError as exc:
+            raise ConfigError(f"refusing to start: the ledger of {cfg.db} does not verify: {exc}") from None
+        log.info("ledger of %s verified: %d entries, head %s", cfg.db, summary.entries, summary.head)
         close_interrupted_rounds(store)
         ensure_model(store, cfg)
         server = grpc.aio.server(options=[

@@ -5,6 +5,10 @@ write it while a server runs. Every write is a single ``BEGIN IMMEDIATE`` transa
 never leaves a half-written record and two processes never interleave a read-then-write. Model
 versions are append-only, enforced by SQL triggers rather than by convention, and each one carries
 the SHA-256 of its bytes, checked on every read: corruption is reported, never silently served.
+
+Triggers only stop accidents, so model versions and finished rounds are also chained into a
+signed ledger (see ``ledger.py``) in the same transaction that writes them. Those writes need
+the ledger signing key (``Store(path, ledger_key=...)``); reads do not.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from pathlib import PurePath
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from . import ledger
 
 __all__ = [
     "CLIENT_ID_PATTERN",
@@ -41,7 +48,8 @@ __all__ = [
     "StoreError",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: identities, model versions, rounds, events. 2: adds the ledger (migrated in place)."""
 BUSY_TIMEOUT_MS = 5000
 
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -90,7 +98,7 @@ _JSON_EMPTY: dict[str, Any] = {
     "timings": dict,
 }
 
-_SCHEMA = (
+_SCHEMA_V1 = (
     """
     CREATE TABLE identities (
         client_id     TEXT PRIMARY KEY,
@@ -165,6 +173,42 @@ _SCHEMA = (
     )
     """,
     "CREATE INDEX events_by_round ON events(round_id, id)",
+)
+
+# Schema 2: the hash chain over model versions and finished rounds. The triggers stop accidents
+# only; tampering by someone who drops them is caught by verification (the signing key is not here).
+_SCHEMA_V2 = (
+    """
+    CREATE TABLE ledger (
+        seq            INTEGER PRIMARY KEY CHECK (seq >= 1),
+        kind           TEXT NOT NULL CHECK (kind IN ('model', 'round', 'adopt')),
+        ref            TEXT NOT NULL,
+        content_digest TEXT NOT NULL CHECK (length(content_digest) = 64),
+        prev_hash      TEXT NOT NULL CHECK (length(prev_hash) = 64),
+        entry_hash     TEXT NOT NULL CHECK (length(entry_hash) = 64),
+        signature      BLOB NOT NULL CHECK (length(signature) = 64),
+        detail         TEXT
+    )
+    """,
+    """
+    CREATE TRIGGER ledger_sequential BEFORE INSERT ON ledger
+    WHEN NEW.seq IS NULL OR NEW.seq <> (SELECT COALESCE(MAX(seq), 0) + 1 FROM ledger)
+    BEGIN
+        SELECT RAISE(ABORT, 'ledger entries are numbered 1, 2, 3... without gaps');
+    END
+    """,
+    """
+    CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
+    BEGIN
+        SELECT RAISE(ABORT, 'the ledger is append-only');
+    END
+    """,
+    """
+    CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
+    BEGIN
+        SELECT RAISE(ABORT, 'the ledger is append-only');
+    END
+    """,
 )
 
 
@@ -309,14 +353,55 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _json_or_raw(text: Any) -> Any:
+    """A JSON column decoded for the ledger digest (NULL stays None; unparseable text stays text)."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"unparseable": text}
+
+
+_MODEL_LEDGER_COLUMNS = "version, params, digest, dtype, shape, created_at, round_id, reason, restores"
+_ROUND_LEDGER_JSON = ("settings", "cohort", "groups", *_ROUND_JSON_FIELDS)
+
+
+def _model_row(row: Sequence[Any]) -> tuple[str, ledger.Row]:
+    """A model_versions row (``_MODEL_LEDGER_COLUMNS``) as (ref, what the ledger digest covers):
+    every column, with the params as the SHA-256 of the bytes actually stored."""
+    version, blob, digest, dtype, shape, created_at, round_id, reason, restores = row
+    params_sha256 = _sha256(bytes(blob)) if isinstance(blob, (bytes, memoryview)) else _sha256(str(blob).encode())
+    fields = {
+        "version": version, "params_sha256": params_sha256, "digest": digest, "dtype": dtype,
+        "shape": _json_or_raw(shape), "created_at": created_at, "round_id": round_id, "reason": reason,
+        "restores": restores,
+    }
+    problem = None if params_sha256 == digest else "its params no longer hash to its digest column"
+    return str(version), ledger.Row(ledger.content_digest("model", fields), True, problem)
+
+
+def _round_row(names: Sequence[str], row: Sequence[Any]) -> tuple[str, ledger.Row]:
+    """A rounds row as (ref, what the ledger digest covers): the full record, JSON decoded."""
+    fields = {name: _json_or_raw(v) if name in _ROUND_LEDGER_JSON else v for name, v in zip(names, row)}
+    final = fields["outcome"] != "running" or fields["finished_at"] is not None
+    return str(fields["round_id"]), ledger.Row(ledger.content_digest("round", fields), final)
+
+
 class Store:
     """The SQLite record; thread-safe (one connection behind a lock), several processes may share it.
 
-    ``Store(path)`` creates the file and schema if new. Use as a context manager or ``close()``.
+    ``Store(path)`` creates the file and schema if new (and upgrades a schema-1 file). Use as a
+    context manager or ``close()``. ``ledger_key`` signs the ledger entries that appending a model
+    version, rolling back and finishing a round write; without it those raise StoreError, so an
+    unsigned write cannot slip in, while read-only use (the CLI listings) needs no key.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, ledger_key: ed25519.Ed25519PrivateKey | None = None
+    ) -> None:
         self.path = os.fspath(path)
+        self._ledger_key = ledger_key
         self._lock = threading.Lock()
         self._closed = False
         try:
@@ -356,15 +441,19 @@ class Store:
             if version == SCHEMA_VERSION:
                 return
             self._check_schema_version(version)
-            tables = conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-            ).fetchall()
-            if tables:
-                raise StoreError(
-                    f"{self.path} is an SQLite file but not a secagg store (it has tables "
-                    f"{', '.join(t[0] for t in tables)}); pick another --db path"
-                )
-            for statement in _SCHEMA:
+            if version == 0:
+                tables = conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+                ).fetchall()
+                if tables:
+                    raise StoreError(
+                        f"{self.path} is an SQLite file but not a secagg store (it has tables "
+                        f"{', '.join(t[0] for t in tables)}); pick another --db path"
+                    )
+                for statement in _SCHEMA_V1:
+                    conn.execute(statement)
+            # 1 -> 2: an empty ledger; the server adopts the existing rows at its first start.
+            for statement in _SCHEMA_V2:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -374,7 +463,7 @@ class Store:
                 f"{self.path} has schema version {version}, newer than this secagg supports "
                 f"({SCHEMA_VERSION}); upgrade secagg to open it"
             )
-        if version != 0:
+        if version not in (0, 1):
             raise StoreError(
                 f"{self.path} has schema version {version}, which this secagg cannot migrate; "
                 f"export what you need and start a new database"
@@ -443,6 +532,111 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.path!r})"
+
+    # -- ledger ---------------------------------------------------------------------------
+
+    def use_ledger_key(self, key: ed25519.Ed25519PrivateKey) -> None:
+        """Sign chained writes with ``key`` from now on (the server loads it after opening)."""
+        self._ledger_key = key
+
+    def _signing_key(self, what: str) -> ed25519.Ed25519PrivateKey:
+        if self._ledger_key is None:
+            raise StoreError(
+                f"{what} is signed into the ledger and needs the ledger key: open the store with "
+                f"Store({self.path!r}, ledger_key=...) (CLI: --key, default {ledger.default_key_path(self.path)})"
+            )
+        return self._ledger_key
+
+    def _chain(
+        self, conn: sqlite3.Connection, kind: str, ref: str, content: str, detail: str | None = None
+    ) -> None:
+        """Append one signed entry inside the caller's write transaction (so row and entry land together)."""
+        key = self._signing_key(f"a {kind} ledger entry")
+        head = conn.execute("SELECT seq, entry_hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (1, ledger.GENESIS) if head is None else (int(head[0]) + 1, head[1])
+        entry_hash = ledger.entry_hash(prev, seq, kind, ref, content)
+        conn.execute(
+            "INSERT INTO ledger (seq, kind, ref, content_digest, prev_hash, entry_hash, signature, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, kind, ref, content, prev, entry_hash, ledger.sign(key, entry_hash), detail),
+        )
+
+    def _chain_model(self, conn: sqlite3.Connection, version: int) -> None:
+        row = conn.execute(
+            f"SELECT {_MODEL_LEDGER_COLUMNS} FROM model_versions WHERE version = ?", (version,)
+        ).fetchone()
+        ref, content = _model_row(row)
+        self._chain(conn, "model", ref, content.content_digest)
+
+    def _chain_round(self, conn: sqlite3.Connection, round_id: str) -> None:
+        cursor = conn.execute(f"SELECT {self._ROUND_COLUMNS} FROM rounds WHERE round_id = ?", (round_id,))
+        ref, content = _round_row([d[0] for d in cursor.description], cursor.fetchone())
+        self._chain(conn, "round", ref, content.content_digest)
+
+    def ledger_size(self) -> int:
+        """Number of ledger entries."""
+        with self._read() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
+
+    def ledger_entries(self) -> list[ledger.Entry]:
+        """All ledger entries, by seq."""
+        with self._read() as conn:
+            return self._ledger_entries(conn)
+
+    @staticmethod
+    def _ledger_entries(conn: sqlite3.Connection) -> list[ledger.Entry]:
+        rows = conn.execute(
+            "SELECT seq, kind, ref, content_digest, prev_hash, entry_hash, signature, detail "
+            "FROM ledger ORDER BY seq"
+        ).fetchall()
+        return [ledger.Entry(*row) for row in rows]
+
+    def ledger_snapshot(self) -> tuple[list[ledger.Entry], dict[tuple[str, str], ledger.Row]]:
+        """The entries and what every chained row holds now, read in one transaction so a
+        concurrent write cannot show up as a row without its entry."""
+        with self._read() as conn:
+            conn.execute("BEGIN")
+            try:
+                entries = self._ledger_entries(conn)
+                rows: dict[tuple[str, str], ledger.Row] = {}
+                for row in conn.execute(f"SELECT {_MODEL_LEDGER_COLUMNS} FROM model_versions ORDER BY version"):
+                    ref, content = _model_row(row)
+                    rows["model", ref] = content
+                cursor = conn.execute(f"SELECT {self._ROUND_COLUMNS} FROM rounds ORDER BY rowid")
+                names = [d[0] for d in cursor.description]
+                for row in cursor:
+                    ref, content = _round_row(names, row)
+                    rows["round", ref] = content
+            finally:
+                conn.execute("COMMIT")
+        return entries, rows
+
+    def adopt_unchained(self) -> int:
+        """Chain the rows written before the ledger existed (a schema-1 database), behind one
+        ``adopt`` entry listing them; returns how many rows were adopted (0: nothing to do).
+
+        Only for an empty ledger: rows missing from a non-empty ledger are tampering, not history.
+        """
+        self._signing_key("adopting rows written before the ledger")
+        with self._write() as conn:
+            if conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0]:
+                raise StoreError(f"the ledger in {self.path} is not empty: only an empty ledger adopts rows")
+            versions = [int(v) for (v,) in conn.execute("SELECT version FROM model_versions ORDER BY version")]
+            rounds = [rid for (rid,) in conn.execute(
+                "SELECT round_id FROM rounds WHERE outcome <> 'running' OR finished_at IS NOT NULL ORDER BY rowid"
+            )]
+            if not versions and not rounds:
+                return 0
+            detail = ledger.canonical_json(
+                {"adopted_at": _now(), "models": versions, "rounds": rounds,
+                 "why": "written before this database had a ledger (schema 1)"}
+            ).decode()
+            self._chain(conn, "adopt", ledger.ADOPT_REF, _sha256(detail.encode()), detail)
+            for version in versions:
+                self._chain_model(conn, version)
+            for round_id in rounds:
+                self._chain_round(conn, round_id)
+        return len(versions) + len(rounds)
 
     # -- identities -----------------------------------------------------------------------
 
@@ -555,7 +749,8 @@ class Store:
         reason: str,
         restores: int | None = None,
     ) -> int:
-        """Append a model version (never overwrite one) and return its number (1, 2, ...)."""
+        """Append a model version (never overwrite one), signed into the ledger; returns its number (1, 2, ...)."""
+        self._signing_key("appending a model version")
         arr = np.asarray(params)
         if arr.dtype.hasobject:
             raise ValueError("model parameters must be a numeric array, not an object array")
@@ -588,6 +783,7 @@ class Store:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (version, blob, digest, dtype, json.dumps(list(shape)), _now(), round_id, reason, restores),
         )
+        self._chain_model(conn, int(version))
         return int(version)
 
     def _require_version(self, conn: sqlite3.Connection, version: int) -> None:
@@ -679,7 +875,9 @@ class Store:
         ]
 
     def rollback(self, to: int, reason: str) -> int:
-        """Append a new version that copies version ``to`` (history is never rewritten)."""
+        """Append a new version that copies version ``to`` (history is never rewritten; the new
+        version is chained like any other)."""
+        self._signing_key("rolling back (appending a model version)")
         _check_reason(reason)
         with self._write() as conn:
             self._require_version(conn, to)
@@ -761,7 +959,7 @@ class Store:
                 columns[name] = value
         return columns
 
-    def _set_round(self, round_id: str, columns: dict[str, Any]) -> None:
+    def _set_round(self, round_id: str, columns: dict[str, Any], *, chain: bool = False) -> None:
         with self._write() as conn:
             row = conn.execute(
                 "SELECT finished_at, outcome FROM rounds WHERE round_id = ?", (round_id,)
@@ -780,15 +978,22 @@ class Store:
                     f"UPDATE rounds SET {assignments} WHERE round_id = ?",
                     (*columns.values(), round_id),
                 )
+            if chain:
+                self._chain_round(conn, round_id)
 
     def update_round(self, round_id: str, **fields: Any) -> None:
         """Set fields of a running round (each call replaces the given fields, one transaction)."""
-        self._set_round(round_id, self._round_columns(fields))
+        columns = self._round_columns(fields)
+        if columns.get("outcome", "running") != "running":
+            raise ValueError("a round reaches a final outcome only through finish_round(), which signs it into the ledger")
+        self._set_round(round_id, columns)
 
     def finish_round(
         self, round_id: str, outcome: str, *, error: str | None = None, **fields: Any
     ) -> None:
-        """Close a round with its outcome and last fields in one transaction; it is final after."""
+        """Close a round with its outcome and last fields in one transaction, signing the final
+        record into the ledger; it is final after."""
+        self._signing_key("finishing a round")
         if outcome not in FINAL_OUTCOMES:
             raise ValueError(
                 f"a round finishes as one of {', '.join(FINAL_OUTCOMES)}, got {outcome!r}"
@@ -799,7 +1004,7 @@ class Store:
             fields["error"] = error
         columns = self._round_columns({**fields, "outcome": outcome})
         columns["finished_at"] = _now()
-        self._set_round(round_id, columns)
+        self._set_round(round_id, columns, chain=True)
 
     _ROUND_COLUMNS = (
         'round_id, started_at, finished_at, outcome, settings, cohort, "groups", survivors, '

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from secagg.cli.main import main
+from secagg.server.ledger import default_key_path, new_key, write_key
 from secagg.server.store import Store
 from secagg.server.tls import identity_public_key, load_identity_key
 
@@ -24,9 +25,11 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
-    """A store with two model versions and two rounds, one finished."""
+    """A store with two model versions and two rounds, one finished; its ledger key at the default path."""
     path = tmp_path / "server.db"
-    with Store(path) as s:
+    key = new_key()
+    write_key(default_key_path(path), key)
+    with Store(path, ledger_key=key) as s:
         s.append_model(np.arange(3, dtype=np.float32), round_id=None, reason="initial model")
         s.begin_round("r-001", {"group_size": 3}, ["a", "b", "c", "d", "e", "f"], [["a", "b", "c"], ["d", "e", "f"]])
         s.update_round("r-001", survivors={"advertise": {"0": ["a", "b", "c"], "1": ["d", "e", "f"]},

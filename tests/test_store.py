@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from secagg.server.ledger import new_key
 from secagg.server.store import SCHEMA_VERSION, Store, StoreError
 
 
@@ -20,8 +21,14 @@ def db(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db: Path):
-    with Store(db) as s:
+def ledger_key():
+    """The ledger signing key: chained writes (models, finished rounds) need it."""
+    return new_key()
+
+
+@pytest.fixture
+def store(db: Path, ledger_key):
+    with Store(db, ledger_key=ledger_key) as s:
         yield s
 
 
@@ -345,8 +352,8 @@ def test_events_record_and_filter(store: Store) -> None:
 # -- concurrency and durability -------------------------------------------------------------
 
 
-def test_concurrent_writes_from_threads_and_two_connections_all_land(db: Path) -> None:
-    a, b = Store(db), Store(db)  # two connections, like a server and the CLI
+def test_concurrent_writes_from_threads_and_two_connections_all_land(db: Path, ledger_key) -> None:
+    a, b = Store(db, ledger_key=ledger_key), Store(db, ledger_key=ledger_key)  # two connections, like a server and the CLI
     errors: list[BaseException] = []
     per_thread = 10
 
@@ -379,9 +386,9 @@ def test_concurrent_writes_from_threads_and_two_connections_all_land(db: Path) -
     b.close()
 
 
-def test_reopen_keeps_everything(db: Path) -> None:
+def test_reopen_keeps_everything(db: Path, ledger_key) -> None:
     params = np.arange(10, dtype=np.float32)
-    with Store(db) as s:
+    with Store(db, ledger_key=ledger_key) as s:
         s.register_identity("alice", bytes(range(32)))
         s.revoke_identity("alice")
         s.register_identity("bob", bytes(32))
