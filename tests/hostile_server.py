@@ -374,11 +374,11 @@ class Group:
 
     def __init__(self, stream: Stream, hello: pb.Hello, victim_public: bytes, *, members: int = 5, index: int = 3,
                  mode: Mode = Mode.ACTIVE, neighbors: int = 0, tag: str = "sybil", session: bytes | None = None,
-                 round_id: str = "hostile-round") -> None:
+                 round_id: str = "hostile-round", **fields: Any) -> None:
         self.stream, self.index, self.victim_public = stream, index, victim_public
         self.sybils = make_sybils((i for i in range(1, members + 1) if i != index), tag)
         self.rc = round_config(index=index, members=members, victim_id=hello.client_id, victim_commitment=bytes(hello.contribution_commitment),
-                               sybils=self.sybils, mode=mode, neighbors=neighbors, session=session, round_id=round_id)
+                               sybils=self.sybils, mode=mode, neighbors=neighbors, session=session, round_id=round_id, **fields)
         self.config: GroupConfig = convert.group_config_from_pb(self.rc)
         self.params: EncodingParams = convert.encoding_from_pb(self.rc.encoding)
         identities = {i: s.public for i, s in self.sybils.items()} | {index: victim_public}
