@@ -191,8 +191,8 @@ def write_key(path: str | os.PathLike[str], key: ed25519.Ed25519PrivateKey) -> N
     except OSError as exc:
         raise LedgerKeyError(f"cannot create the ledger key {target}: {exc.strerror}") from None
     try:
-        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)
             fh.write(pem)
             fh.flush()
             os.fsync(fh.fileno())
