@@ -65,7 +65,7 @@ from secagg.v1 import secagg_pb2 as pb
 from secagg.v1 import secagg_pb2_grpc as pb_grpc
 from secagg.wire import convert
 from secagg.wire.identity import certificate_binding, read_message
-from secagg.protocol.signatures import sign
+from secagg.protocol.signatures import keys_message, sign
 
 Code = grpc.StatusCode
 REVEALING = {"masked_input", "consistency_signature", "unmask_response"}
@@ -513,6 +513,46 @@ async def test_server_chosen_one_word_chunks_are_refused_or_clamped(tmp_path: Pa
             pass
         assert not srv.errors, srv.errors
         assert chunks and chunks[0] <= 64, f"the 4098-word masked vector went out in {chunks[0]} messages"
+        await victim.client.close()
+
+
+# ---- identity substitution at share_keys ---------------------------------------------------
+@pytest.mark.parametrize("attack_kind", ["pinned-id-other-key", "untrusted-key", "one-key-two-seats"])
+@async_test
+async def test_substituted_identities_are_refused(tmp_path: Path, logs: Any, attack_kind: str) -> None:
+    """Attack (active mode): the KeysBroadcast seats a sybil under a client id the victim pins to
+    another key; or presents a key outside the victim's trusted set; or lets one sybil identity
+    sign for two seats (a sybil filling the group).  Refused before any share is sent."""
+    sybils = make_sybils([1, 2, 4, 5])
+    options: dict[str, Any] = {}
+    if attack_kind == "pinned-id-other-key":
+        options["trusted_identities"] = {"sybil-1": h32("alice's real key")} | {s.client_id: s.public for i, s in sybils.items() if i != 1}
+    elif attack_kind == "untrusted-key":
+        options["trusted_identities"] = [s.public for i, s in sybils.items() if i != 4]
+    async with hostile_server(tmp_path) as srv:
+        victim = make_victim(srv.address, srv.pki.ca_cert, new_identity_key(), **options)
+
+        async def script(stream: Stream) -> None:
+            hello = await stream.challenge()
+            g = Group(stream, hello, victim.public)
+            await g.configure()
+            await g.advertise()
+            kb = convert.keys_broadcast_to_pb(g.outbox[g.v])
+            if attack_kind == "one-key-two-seats":
+                entry = next(k for k in kb.keys_broadcast.keys if k.index == 2)
+                one = g.sybils[1]
+                entry.identity = one.public
+                entry.signature = sign(one.key, keys_message(g.config.digest, 2, entry.c_public, entry.s_public))
+            await stream.send(kb)
+            await stream.until_closed()
+
+        exc = await attack(srv, victim, script, logs)
+        assert type(exc) is RoundAborted
+        expected = {"pinned-id-other-key": "client 1's identity key is not the one pinned for that member",
+                    "untrusted-key": "client 4's identity key is not one we trust",
+                    "one-key-two-seats": "one identity key signs for several members"}[attack_kind]
+        assert expected in str(exc), str(exc)
+        assert not ({"share_keys"} | REVEALING) & set(srv.kinds()) and victim.phases == [Phase.ADVERTISE_KEYS]
         await victim.client.close()
 
 
