@@ -34,10 +34,10 @@ from secagg.protocol.signatures import sign
 from secagg.v1 import secagg_pb2 as pb
 from secagg.v1 import secagg_pb2_grpc as pb_grpc
 from secagg.wire import convert
-from secagg.wire.identity import CLIENT_ID, PKIError, hello_message, identity_public_key, load_identity_key, read_message
+from secagg.wire.identity import CLIENT_ID, PKIError, certificate_binding, hello_message, identity_public_key, load_identity_key, read_message
 
 from .errors import ClientError, ConnectionFailed, CredentialsError, PolicyRefused, Rejected, RoundAborted, RoundFailed
-from .tls import fetch_server_binding
+from .tls import fetch_server_certificate, pem
 
 log = logging.getLogger("secagg.client")
 MAX_MESSAGE_BYTES = 8 << 20
@@ -126,13 +126,10 @@ class AsyncClient:
                 identity_public_key(key)   # 32 raw bytes, or a clear error now
         except (PKIError, ValueError) as exc:
             raise CredentialsError(str(exc)) from None
-        self._credentials = grpc.ssl_channel_credentials(
-            root_certificates=_read_bytes(s.ca_cert, "CA certificate"),
-            private_key=_read_bytes(s.client_key, "client key"),
-            certificate_chain=_read_bytes(s.client_cert, "client certificate"),
-        )
+        for what, value in (("CA certificate", s.ca_cert), ("client key", s.client_key), ("client certificate", s.client_cert)):
+            _read_bytes(value, what)   # unreadable files fail now, not at the first call
         self._channel: grpc.aio.Channel | None = None
-        self._binding: bytes | None = None
+        self._server_der: bytes | None = None
         self._last_read_ms = 0
         if not isinstance(s.policy, ClientPolicy):
             raise ClientError("policy must be a secagg.client.ClientPolicy")
@@ -165,12 +162,18 @@ class AsyncClient:
         for attempt in range(s.retries + 1):
             try:
                 await self.server_binding()
-                channel = grpc.aio.secure_channel(s.address, self._credentials, options=options)
+                assert self._server_der is not None
+                pinned = grpc.ssl_channel_credentials(   # trust exactly the certificate we bind to, nothing else
+                    root_certificates=pem(self._server_der), private_key=_read_bytes(s.client_key, "client key"),
+                    certificate_chain=_read_bytes(s.client_cert, "client certificate"))
+                channel = grpc.aio.secure_channel(s.address, pinned, options=options)
                 try:
                     await asyncio.wait_for(channel.channel_ready(), s.connect_timeout)
                 except (TimeoutError, grpc.aio.AioRpcError):
                     await channel.close()
-                    raise ConnectionFailed(f"gRPC channel to {s.address} not ready within {s.connect_timeout:g} s") from None
+                    self._server_der = None   # re-read the certificate next time (it may have been rotated)
+                    raise ConnectionFailed(f"gRPC channel to {s.address} not ready within {s.connect_timeout:g} s "
+                                           "(or it presented another certificate than the one we read)") from None
                 self._channel = channel
                 return channel
             except ConnectionFailed as exc:
@@ -186,14 +189,14 @@ class AsyncClient:
         raise ConnectionFailed(f"cannot reach {s.address} after {s.retries + 1} attempts: {cause}")
 
     async def server_binding(self) -> bytes:
-        """SHA-256 of the certificate the server presents, read over our own verified TLS connection:
-        hellos and reads are signed over it, so another server cannot relay them."""
-        if self._binding is None:
+        """SHA-256 of the certificate the server presents, read over our own verified TLS connection;
+        hellos and reads are signed over it, and the gRPC channel is pinned to that certificate."""
+        if self._server_der is None:
             s = self.settings
-            self._binding = await asyncio.to_thread(
-                fetch_server_binding, s.address, _read_bytes(s.ca_cert, "CA certificate") or b"", s.server_name,
+            self._server_der = await asyncio.to_thread(
+                fetch_server_certificate, s.address, _read_bytes(s.ca_cert, "CA certificate") or b"", s.server_name,
                 _read_bytes(s.client_cert, "client certificate"), _read_bytes(s.client_key, "client key"), s.connect_timeout)
-        return self._binding
+        return certificate_binding(self._server_der)
 
     async def _read_auth(self, method: str, argument: int = 0) -> pb.ReadAuth:
         s = self.settings
@@ -209,8 +212,9 @@ class AsyncClient:
         request = pb.GetModelRequest(version=version, auth=await self._read_auth("GetModel", version))
         parts, ver, dim, digest, got = [], 0, 0, "", 0
         limit = self.settings.policy.max_dim
+        call = stub.GetModel(request, timeout=self.settings.wait_seconds)
         try:
-            async for chunk in stub.GetModel(request, timeout=self.settings.wait_seconds):
+            async for chunk in call:
                 if not parts:
                     ver, dim, digest = chunk.version, chunk.dim, chunk.digest
                     if dim > limit:
@@ -225,6 +229,8 @@ class AsyncClient:
                 parts.append(np.frombuffer(chunk.values, dtype="<f8"))
         except grpc.aio.AioRpcError as exc:
             raise Rejected(exc.code().name, exc.details() or "") from None
+        finally:
+            call.cancel()   # a refused download must not stay open with the server still sending
         values = np.concatenate(parts) if parts else np.zeros(0)
         if values.size != dim:
             raise ClientError(f"model v{ver} arrived with {values.size} of {dim} values")
@@ -317,6 +323,7 @@ class AsyncClient:
         try:
             cfg = convert.group_config_from_pb(rc)
             s.policy.check(cfg, pinned=s.trusted_identities is not None)   # before any key, graph or vector exists
+            s.policy.check_chunking(rc.chunk_words)
             params = convert.encoding_from_pb(rc.encoding)
             if cfg.member_ids[rc.index - 1] != s.client_id:
                 raise AbortError(f"the round configuration seats {cfg.member_ids[rc.index - 1]!r} where we are; refusing")
@@ -324,6 +331,13 @@ class AsyncClient:
             await self._write(call, pb.ClientMessage(abort=pb.ClientAbort(reason=str(exc)[:200])))
             if isinstance(exc, PolicyViolation):
                 raise PolicyRefused(exc.setting, exc.offered, exc.required, str(exc)) from None
+            raise RoundAborted(str(exc)) from None
+        try:   # the seat, our commitment and the identities are checked before any training is spent on the round
+            trusted, pinned = self._trust_anchors(rc.member_ids)
+            machine = ClientMachine(cfg, rc.index, contribution=contribution, identity_key=self._identity, trusted_identities=trusted,
+                                    pinned_identities=pinned, policy=s.policy, randbytes=s.randbytes)
+        except (AbortError, LocalProtocolError) as exc:
+            await self._write(call, pb.ClientMessage(abort=pb.ClientAbort(reason=str(exc)[:200])))
             raise RoundAborted(str(exc)) from None
         info = RoundInfo(rc.round_id, rc.model_version, cfg.dim - 2, rc.group, rc.index, cfg.members, params)
         if not isinstance(update, np.ndarray):
@@ -334,11 +348,9 @@ class AsyncClient:
         if update.size != info.dim:
             await self._write(call, pb.ClientMessage(abort=pb.ClientAbort(reason=f"update has {update.size} values, round needs {info.dim}")))
             raise ClientError(f"update has {update.size} values but round {rc.round_id} needs {info.dim}")
-        timeout = max(rc.phase_timeout_seconds, 1.0) * 3
+        # a phase may take the server's deadline three times over, never longer than we wait for a round
+        timeout = min(max(rc.phase_timeout_seconds, 1.0) * 3, s.wait_seconds)
         try:
-            trusted, pinned = self._trust_anchors(rc.member_ids)
-            machine = ClientMachine(cfg, rc.index, contribution=contribution, identity_key=self._identity, trusted_identities=trusted,
-                                    pinned_identities=pinned, policy=s.policy, randbytes=s.randbytes)
             seed = rounding_seed or s.randbytes(32)
             encoded = encoder(update, params, cfg.members, seed) if encoder else encode(update, params, cfg.members, rounding_seed=seed)
 
@@ -358,7 +370,7 @@ class AsyncClient:
                 elif kind == "shares_delivery":
                     masked = machine.masked_input(convert.shares_delivery_from_pb(rc.index, msg.shares_delivery), encoded)
                     step(Phase.MASKED_INPUT)
-                    for chunk in convert.masked_input_chunks(masked.vector, rc.chunk_words or (1 << 18)):
+                    for chunk in convert.masked_input_chunks(masked.vector, rc.chunk_words):
                         await self._write(call, chunk)
                 elif kind == "consistency_request":
                     reply = machine.consistency_check(convert.consistency_request_from_pb(msg.consistency_request))

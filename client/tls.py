@@ -1,9 +1,11 @@
-"""The server's certificate as our own TLS connection sees it, for binding hellos and reads.
+"""The server's certificate, read over a verified TLS connection of our own and then pinned.
 
 gRPC does not expose the peer certificate to a client, so the library opens one verified TLS
-connection of its own (same CA, same name, same client certificate) and hashes the
-certificate it is served.  A server that relays our hello to another deployment cannot make
-that hash match the other deployment's certificate.
+connection (same CA, same name, same client certificate), reads the certificate it is served,
+and then opens its gRPC channel trusting *only that certificate*.  Hellos and reads are signed
+over its hash, and the channel they travel on is guaranteed to present it: a hostile front
+that routed the probe to another deployment would fail the channel's handshake, so it can
+never obtain a hello bound to someone else's certificate.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ import os
 import socket
 import ssl
 import tempfile
-
-from secagg.wire.identity import certificate_binding
 
 from .errors import ConnectionFailed
 
@@ -27,9 +27,9 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def fetch_server_binding(address: str, ca_pem: bytes, server_name: str | None, client_cert: bytes | None,
-                         client_key: bytes | None, timeout: float) -> bytes:
-    """SHA-256 of the DER certificate the server at ``address`` presents, verified against ``ca_pem``.
+def fetch_server_certificate(address: str, ca_pem: bytes, server_name: str | None, client_cert: bytes | None,
+                             client_key: bytes | None, timeout: float) -> bytes:
+    """The DER certificate the server at ``address`` presents, verified against ``ca_pem``.
 
     Failures say their cause; ``ConnectionFailed.retryable`` is False where retrying cannot help
     (a certificate our CA does not verify, a name that does not resolve, a missing client certificate).
@@ -80,7 +80,12 @@ def fetch_server_binding(address: str, ca_pem: bytes, server_name: str | None, c
         raise ConnectionFailed(f"cannot connect to {address}: {exc.strerror or exc}") from None
     if not der:
         raise ConnectionFailed(f"the server at {address} presented no certificate", retryable=False)
-    return certificate_binding(der)
+    return der
+
+
+def pem(der: bytes) -> bytes:
+    """PEM of one DER certificate: the only trust anchor of the pinned gRPC channel."""
+    return ssl.DER_cert_to_PEM_cert(der).encode("ascii")
 
 
 def _closed_after_handshake(tls: ssl.SSLSocket, timeout: float) -> bool:

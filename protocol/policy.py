@@ -37,14 +37,15 @@ class ClientPolicy:
     min_group_size: int = 5              # privacy floor: members, and survivors that hold our shares
     max_members: int = 10_000            # refuse (and allocate nothing for) larger groups
     max_dim: int = 1 << 25               # encoded words the client will mask
+    min_chunk_words: int = 1024          # refuse a server that asks for tinier masked-input chunks (a message per word)
 
     def __post_init__(self) -> None:
         if self.min_group_size < 2:
             raise ValueError("min_group_size must be at least 2: a sum of one is the update itself")
         if self.min_neighbors is not None and self.min_neighbors < 2:
             raise ValueError("min_neighbors must be at least 2 (or None for the recommended degree)")
-        if self.max_members < self.min_group_size or self.max_dim < 1:
-            raise ValueError("max_members must be >= min_group_size and max_dim positive")
+        if self.max_members < self.min_group_size or self.max_dim < 1 or self.min_chunk_words < 1:
+            raise ValueError("max_members must be >= min_group_size, max_dim and min_chunk_words positive")
 
     @classmethod
     def semi_honest(cls, **changes: object) -> ClientPolicy:
@@ -54,13 +55,18 @@ class ClientPolicy:
     @classmethod
     def lenient(cls) -> ClientPolicy:
         """For simulations against an honest in-memory server only; never for apps."""
-        return cls(allow_semi_honest=True, threshold_floor=Mode.SEMI_HONEST, min_neighbors=2, min_group_size=2)
+        return cls(allow_semi_honest=True, threshold_floor=Mode.SEMI_HONEST, min_neighbors=2, min_group_size=2, min_chunk_words=1)
 
     def replace(self, **changes: object) -> ClientPolicy:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def degree_floor(self, members: int) -> int:
         return graph.recommended_degree(members) if self.min_neighbors is None else min(self.min_neighbors, members - 1)
+
+    def check_chunking(self, chunk_words: int) -> None:
+        """The transport's chunk size is the server's choice too; a tiny one costs a message per word."""
+        if chunk_words < self.min_chunk_words:
+            raise PolicyViolation("chunk_words", chunk_words, f"at least {self.min_chunk_words} (min_chunk_words)")
 
     def check(self, config: GroupConfig, *, pinned: bool = False) -> None:
         """Raise PolicyViolation unless ``config`` is at least as strong as this policy."""

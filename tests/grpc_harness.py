@@ -274,7 +274,7 @@ class RawClient:
         assert self.machine is not None and self.config is not None
         sd = await self.expect("shares_delivery")
         masked = self.machine.masked_input(convert.shares_delivery_from_pb(self.config.index, sd), self.encoded)
-        return convert.masked_input_chunks(masked.vector, self.config.chunk_words)
+        return list(convert.masked_input_chunks(masked.vector, self.config.chunk_words))
 
     async def follow(self, *, hold: str | None = None, until: Callable[[], Awaitable[Any]] | None = None,
                      before_masked_input: Callable[[], Awaitable[Any]] | None = None) -> pb.RoundResult:

@@ -6,6 +6,8 @@ into a well-formed core message; semantic checks are the state machines' job.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from secagg.protocol import messages as m
@@ -190,11 +192,11 @@ def words_to_bytes(v: np.ndarray) -> bytes:
     return v.astype(v.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def masked_input_chunks(vector: np.ndarray, chunk_words: int) -> list[pb.ClientMessage]:
-    """Split a masked vector into chunks of ``chunk_words`` words (the last flagged)."""
+def masked_input_chunks(vector: np.ndarray, chunk_words: int) -> Iterator[pb.ClientMessage]:
+    """The masked vector as chunks of ``chunk_words`` words (the last flagged), built one at a time."""
+    if chunk_words < 1:
+        raise WireError(f"chunk_words must be positive, got {chunk_words}")
     n = vector.size
-    out = []
     for start in range(0, n, chunk_words):
         stop = min(n, start + chunk_words)
-        out.append(pb.ClientMessage(masked_input=pb.MaskedInputChunk(offset=start, words=words_to_bytes(vector[start:stop]), last=stop == n)))
-    return out
+        yield pb.ClientMessage(masked_input=pb.MaskedInputChunk(offset=start, words=words_to_bytes(vector[start:stop]), last=stop == n))
