@@ -15,6 +15,7 @@ _FLAGS = {  # flag -> (type, help)
     "tls_cert": (str, "PEM server certificate"),
     "tls_key": (str, "PEM server private key"),
     "client_ca": (str, "require client certificates signed by this CA (mutual TLS)"),
+    "ledger_key": (str, "Ed25519 PEM key that signs the record chain (default: DB.ledger-key; keep it apart from the DB)"),
     "dim": (int, "model / update length"),
     "init_model": (str, ".npy file with the initial model"),
     "server_lr": (float, "model += server_lr * aggregate"),

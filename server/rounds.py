@@ -395,13 +395,19 @@ class Coordinator:
             for g in groups for i, (p, r, d) in sorted(g.machine.dropouts.items())
         ]
         survivors: dict[str, dict[str, list[str]]] = {}
+        ring: dict[str, list[str]] = {}
         for g in groups:
             for phase, ids in g.survivors.items():
                 survivors.setdefault(phase, {})[str(g.number)] = ids
+            # with the commitments in the settings, the opened contributions let anyone recompute the ring
+            opened = g.machine.received[Phase.ADVERTISE_KEYS]
+            ring[str(g.number)] = [opened[i].contribution.hex() if i in opened else ""  # type: ignore[union-attr]
+                                   for i in range(1, g.config.members + 1)]
 
         accepted = {v.group for v in decision.verdicts if v.accepted} if decision else set()
         fields = {
             "survivors": survivors,
+            "ring": ring,
             "dropouts": dropouts,
             "checks": [v.as_record() | {"inconsistent_shares": done[v.group].machine.inconsistent} for v in decision.verdicts]
             if decision else [],

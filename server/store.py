@@ -81,7 +81,7 @@ GRPC_STATUS_NAMES = frozenset(
     }
 )
 
-_ROUND_JSON_FIELDS = ("survivors", "dropouts", "checks", "rule", "timings")
+_ROUND_JSON_FIELDS = ("survivors", "dropouts", "checks", "rule", "timings", "ring")
 _ROUND_SCALAR_FIELDS = ("aggregate_digest", "model_version", "outcome", "error")
 ROUND_FIELDS = frozenset(_ROUND_JSON_FIELDS + _ROUND_SCALAR_FIELDS)
 """The fields ``update_round`` / ``finish_round`` accept."""
@@ -96,6 +96,7 @@ _JSON_EMPTY: dict[str, Any] = {
     "checks": list,
     "rule": lambda: None,
     "timings": dict,
+    "ring": dict,
 }
 
 _SCHEMA_V1 = (
@@ -178,6 +179,8 @@ _SCHEMA_V1 = (
 # Schema 2: the hash chain over model versions and finished rounds. The triggers stop accidents
 # only; tampering by someone who drops them is caught by verification (the signing key is not here).
 _SCHEMA_V2 = (
+    # the values that fix each group's SecAgg+ ring (opened contributions), so anyone can recheck it
+    "ALTER TABLE rounds ADD COLUMN ring TEXT",
     """
     CREATE TABLE ledger (
         seq            INTEGER PRIMARY KEY CHECK (seq >= 1),
@@ -265,6 +268,7 @@ class RoundRecord:
     timings: dict[str, float]
     model_version: int | None
     error: str | None
+    ring: dict[str, Any] = dataclasses.field(default_factory=dict)   # group -> opened contributions (hex, "" if none)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, ready for ``json.dumps``."""
@@ -1008,13 +1012,13 @@ class Store:
 
     _ROUND_COLUMNS = (
         'round_id, started_at, finished_at, outcome, settings, cohort, "groups", survivors, '
-        "dropouts, checks, rule, aggregate_digest, timings, model_version, error"
+        "dropouts, checks, rule, aggregate_digest, timings, model_version, error, ring"
     )
 
     @staticmethod
     def _round_from_row(row: Sequence[Any]) -> RoundRecord:
         (rid, started, finished, outcome, settings, cohort, groups, survivors, dropouts, checks,
-         rule, digest, timings, model_version, error) = row
+         rule, digest, timings, model_version, error, ring) = row
         return RoundRecord(
             round_id=rid,
             started_at=started,
@@ -1031,6 +1035,7 @@ class Store:
             timings=_decode_json("timings", timings),
             model_version=model_version,
             error=error,
+            ring=_decode_json("ring", ring),
         )
 
     def round(self, round_id: str) -> RoundRecord:

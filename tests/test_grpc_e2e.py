@@ -297,3 +297,39 @@ def test_sync_client_from_a_plain_thread_against_a_server_thread(tmp_path):
     finally:
         stop.set()
         t.join(20)
+
+
+# ---- the SecAgg+ ring is checkable from the round record ------------------------------------------
+@async_test
+async def test_round_record_lets_anyone_recompute_the_secagg_ring(tmp_path):
+    """Active SecAgg+ over gRPC: from the record alone (settings, groups, ring) one rebuilds each
+    group's configuration to its recorded digest, checks every opened contribution against its
+    commitment, and recomputes the ring the members masked over."""
+    from secagg.protocol import graph
+    from secagg.v1 import secagg_pb2 as pb
+    from secagg.wire import convert
+
+    ids = [f"c{i}" for i in range(12)]
+    async with running_server(tmp_path, 12, mode="active", neighbors=4) as h:
+        outs = await h.participate(ids)
+        await h.rounds_finished()
+        rec = h.record()
+        assert rec.outcome == "completed" and all(o.ok for o in outs.values()), (rec.error, outs)
+        st = rec.settings
+        for g, members in enumerate(rec.groups):
+            gs = st["group_configs"][g]
+            assert gs["neighbors"] == graph.recommended_degree(12)   # 4 was raised to the clients' floor
+            rc = pb.RoundConfig(round_id=rec.round_id, group=g, model_version=st["model_version"], chunk_words=st["chunk_words"],
+                                encoding=convert.encoding_to_pb(h.params))
+            cfg = GroupConfig(session=bytes.fromhex(gs["session"]), members=gs["members"], threshold=gs["threshold"], dim=DIM + 2,
+                              modulus_bits=gs["modulus_bits"], mode=Mode.ACTIVE, neighbors=gs["neighbors"],
+                              commitments=tuple(bytes.fromhex(c) for c in gs["commitments"]), member_ids=tuple(members),
+                              context=convert.round_context(rc))
+            assert cfg.digest.hex() == gs["config_digest"]
+            opened = {i + 1: bytes.fromhex(v) for i, v in enumerate(rec.ring[str(g)]) if v}
+            assert len(opened) == len(members)   # nobody dropped: every member opened its contribution
+            assert all(graph.commit_contribution(v) == cfg.commitments[i - 1] for i, v in opened.items())
+            ring = graph.for_group(cfg, opened)
+            assert all(len(nb) == gs["neighbors"] for nb in ring.values())
+            forged = {**opened, 1: bytes(32)}   # one different opening re-draws the ring
+            assert graph.for_group(cfg, forged) != ring
