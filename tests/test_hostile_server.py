@@ -486,7 +486,7 @@ async def test_second_unmask_request_for_the_other_share_is_refused(tmp_path: Pa
 
 # ---- chunking chosen by the server ----------------------------------------------------------
 @async_test
-async def test_server_chosen_one_word_chunks_are_refused_or_clamped(tmp_path: Path, logs: Any) -> None:
+async def test_server_chosen_one_word_chunks_are_refused(tmp_path: Path, logs: Any) -> None:
     """Attack (resource exhaustion): an otherwise valid active round with chunk_words=1, so the
     masked vector (4098 words here) goes out as one message per word.  The client should refuse
     a chunking that small (naming chunk_words) or send reasonably sized chunks."""
