@@ -20,8 +20,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="write a development CA, server certificate and client keys",
         description="Write a development PKI into DIR: ca.pem/ca.key, server.pem/server.key "
         "(localhost, 127.0.0.1) and, per --client NAME, NAME.pem/NAME.key (TLS client "
-        "certificate) and NAME.identity (Ed25519 identity key). An existing CA in DIR is reused; "
-        "existing identity keys are kept.",
+        "certificate), NAME.identity (Ed25519 identity key, stays with the client) and NAME.pub "
+        "(its public key, for `secagg register --public-key-file`). An existing CA in DIR is "
+        "reused; existing identity keys are kept.",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
     p.add_argument(
@@ -44,6 +45,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
         load_identity_key,
         new_identity_key,
         save_identity_key,
+        save_identity_public_key,
         write_dev_pki,
     )
 
@@ -80,8 +82,14 @@ def cmd_certs(args: argparse.Namespace) -> int:
                 lines.append(("wrote", identity_path, f"identity key for {name} (0600)"))
         except PKIError as exc:
             raise UsageError(f"{exc}; move it away to make a new one") from None
+        public_path = os.path.join(pki.directory, f"{name}.pub")
+        try:
+            save_identity_public_key(public_path, private)
+        except OSError as exc:
+            raise UsageError(f"cannot write {public_path}: {exc.strerror or exc}") from None
+        lines.append(("wrote", public_path, f"identity public key for {name}: give it to the operator"))
         registrations.append(
-            f"  secagg register --db DB --client-id {name} --key {identity_path}"
+            f"  secagg register --db DB --client-id {name} --public-key-file {public_path}"
             f"    # public key {identity_public_key(private).hex()}"
         )
 

@@ -1,4 +1,4 @@
-"""One in-memory round, measured against DESIGN.md's performance model.
+"""One in-memory round, measured against the performance model of docs/performance.md.
 
 The lower bound of a phase is (number of PRG expansions and vector additions it needs) times
 the cost of one expansion plus one addition of a D-vector, both measured in the same run.

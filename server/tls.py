@@ -1,6 +1,6 @@
 """Certificates and identity keys, made with ``cryptography`` only.
 
-TLS is always on (see DESIGN.md), so a developer, the simulator and the tests need a CA and
+TLS is always on (see docs/threat-model.md), so a developer, the simulator and the tests need a CA and
 localhost certificates without reaching for openssl: ``write_dev_pki`` makes them. The
 certificates follow RFC 5280 closely enough for OpenSSL's X509_STRICT checks (key usage,
 subject/authority key identifiers, non-CA leaves), so they keep working as Python tightens
@@ -46,6 +46,7 @@ __all__ = [
     "make_cert",
     "new_identity_key",
     "save_identity_key",
+    "save_identity_public_key",
     "write_dev_pki",
 ]
 
@@ -217,6 +218,18 @@ def make_cert(
     algorithm = None if isinstance(ca_key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)) else hashes.SHA256()
     cert = builder.sign(ca_key, algorithm)  # type: ignore[arg-type]
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def save_identity_public_key(path: str | os.PathLike[str], private_raw: bytes) -> bytes:
+    """Write the public half of an identity key as a PEM public key (0644): what an operator
+    passes to ``secagg register --public-key-file``. Returns the 32 raw public key bytes.
+    Rewriting it is harmless: it is derived from the identity key each time."""
+    public = identity_public_key(private_raw)
+    pem = ed25519.Ed25519PublicKey.from_public_bytes(public).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    _write_file(Path(path), pem, 0o644)
+    return public
 
 
 def check_name(name: str) -> str:

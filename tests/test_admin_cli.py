@@ -179,7 +179,7 @@ def test_certs_writes_pki_and_identity_keys(capsys: pytest.CaptureFixture[str], 
     code, out, err = run(capsys, "certs", "--out", str(out_dir), "--client", "alice", "--client", "bob")
     assert code == 0 and err == ""
     expected = ["ca.pem", "ca.key", "server.pem", "server.key",
-                "alice.pem", "alice.key", "alice.identity", "bob.pem", "bob.key", "bob.identity"]
+                "alice.pem", "alice.key", "alice.identity", "alice.pub", "bob.pem", "bob.key", "bob.identity", "bob.pub"]
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(expected)
     for name in expected:
         assert str(out_dir / name) in out
@@ -202,3 +202,23 @@ def test_certs_writes_pki_and_identity_keys(capsys: pytest.CaptureFixture[str], 
     assert code == 2 and "invalid client name" in err
     code, out, err = run(capsys, "certs", "--out", str(out_dir), "--client", "ca")
     assert code == 2 and "reserved" in err
+
+
+def test_certs_writes_the_pub_file_register_documents(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """docs/operating.md registers with `--public-key-file pki/bob.pub`: certs writes that file."""
+    pki_dir, db = tmp_path / "pki", tmp_path / "secagg.db"
+    code, out, err = run(capsys, "certs", "--out", str(pki_dir), "--client", "bob")
+    assert code == 0 and err == ""
+    pub = pki_dir / "bob.pub"
+    assert f"wrote  {pub}" in out and "identity public key for bob" in out
+    assert f"secagg register --db DB --client-id bob --public-key-file {pub}" in out
+    assert stat.S_IMODE(pub.stat().st_mode) == 0o644 and pub.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    code, out, err = run(capsys, "register", "--db", str(db), "--client-id", "bob", "--public-key-file", str(pub))
+    assert code == 0 and err == ""
+    with Store(db) as s:
+        assert s.identity("bob") == identity_public_key(load_identity_key(pki_dir / "bob.identity"))
+    # the kept identity key still gets its (same) .pub on a second run
+    before = pub.read_bytes()
+    pub.unlink()
+    assert run(capsys, "certs", "--out", str(pki_dir), "--client", "bob")[0] == 0
+    assert pub.read_bytes() == before
