@@ -80,6 +80,8 @@ def neighbourhood(order: Sequence[int], k: int, u: int) -> frozenset[int]:
     m = len(order)
     if k >= m - 1:
         return frozenset(range(1, m + 1)) - {u}
+    if k < 2 or k % 2:
+        raise ValueError(f"neighbour count k must be even and >= 2, got {k}")
     p = list(order).index(u)
     half = k // 2
     return frozenset(int(order[(p + d) % m]) for d in (*range(1, half + 1), *range(-half, 0)))

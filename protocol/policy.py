@@ -86,6 +86,9 @@ class ClientPolicy:
             raise PolicyViolation("neighbors", config.degree,
                                   f"at least {self.degree_floor(m)} for {m} members, or the complete graph (min_neighbors)")
         holders = config.degree + 1
+        if holders < self.min_group_size:   # the floor counts survivors holding our shares: never reachable
+            raise PolicyViolation("neighbors", config.degree, f"at least {self.min_group_size - 1}, so that "
+                                  f"{self.min_group_size} members hold our shares (min_group_size)")
         floor_mode = Mode.ACTIVE if Mode.ACTIVE in (self.threshold_floor, config.mode) else Mode.SEMI_HONEST
         t_min = thresholds.minimum(holders, floor_mode)
         if not t_min <= config.threshold <= holders:

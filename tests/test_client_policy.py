@@ -280,7 +280,10 @@ def test_sybil_ring_with_a_degree_below_the_recommended_one_is_refused() -> None
         accept(cfg, contributions)
     # an explicit relaxation lets the sparse ring through
     cfg, contributions = make_config(m, k=2)
-    accept(cfg, contributions, policy=ClientPolicy(min_neighbors=2))
+    accept(cfg, contributions, policy=ClientPolicy(min_neighbors=2, min_group_size=3))
+    # ...but not below the privacy floor: 3 share holders can never reach a floor of 5
+    assert_violation(refuse(cfg, contributions[1], policy=ClientPolicy(min_neighbors=2)), "neighbors", 2,
+                     "at least 4, so that 5 members hold our shares (min_group_size)")
     assert_violation(refuse(cfg, contributions[1], policy=ClientPolicy(min_neighbors=4)), "neighbors", 2,
                      f"at least 4 for {m} members, or the complete graph (min_neighbors)")
 
