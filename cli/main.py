@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 # module name -> imported lazily so that `secagg bench` does not pay for matplotlib, etc.
-_COMMANDS = ("bench", "serve", "client", "simulate", "study", "admin", "certs")
+_COMMANDS = ("bench", "serve", "client", "simulate", "study", "admin", "certs", "ops")
 
 
 class UsageError(Exception):

@@ -37,6 +37,7 @@ _FLAGS = {  # flag -> (type, help)
     "precision_bits": (int, "fixed-point precision"),
     "rule": (str, "robust rule over group means"),
     "byzantine_groups": (int, "f: bad groups the rule tolerates"),
+    "metrics_port": (int, "serve Prometheus metrics at http://HOST:PORT/metrics (HOST from --address; off by default)"),
 }
 
 
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         host = cfg.address.rsplit(":", 1)[0]
         print(f"secagg server listening on {host}:{srv.port} (TLS{', mutual' if cfg.client_ca else ''}), db {cfg.db}, "
               f"dim {cfg.dim}, {cfg.groups} group(s), {cfg.mode}", flush=True)
+        if srv.metrics_port is not None:
+            print(f"metrics at http://{host}:{srv.metrics_port}/metrics", flush=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, srv.task.cancel)

@@ -32,6 +32,7 @@ class ServerConfig:
     client_ca: str = ""                # set to require client certificates (mutual TLS)
     ledger_key: str = ""               # PEM key signing the ledger; "" = db + ".ledger-key" (keep it elsewhere, 0600)
     public_reads: bool = False         # let any TLS peer download models and read the status (else: registered, signed)
+    metrics_port: int | None = None    # serve Prometheus metrics over HTTP on the address's host; None = off, 0 = any free port
     # the model
     dim: int = 1000                    # length of the update / model vector
     init_model: str = ""               # .npy with the initial model (zeros when empty)
@@ -66,6 +67,9 @@ class ServerConfig:
             raise ConfigError(f"address must be HOST:PORT with a port in 0..65535, got {self.address!r}")
         if self.ledger_key and Path(self.ledger_key).resolve() == Path(self.db).resolve():
             raise ConfigError("ledger_key must be its own file, not the database (keep it away from the database)")
+        if self.metrics_port is not None and (isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int)
+                                              or not 0 <= self.metrics_port <= 65535):
+            raise ConfigError(f"metrics_port must be a port in 0..65535 (or unset for no metrics), got {self.metrics_port!r}")
         if self.dim < 1:
             raise ConfigError("dim must be positive")
         if self.min_clients < 3:
@@ -127,7 +131,7 @@ class ServerConfig:
 
     def settings(self) -> dict[str, Any]:
         """What a round record stores about how the round was run (no file paths or keys)."""
-        skip = {"address", "db", "tls_cert", "tls_key", "client_ca", "init_model", "ledger_key"}
+        skip = {"address", "db", "tls_cert", "tls_key", "client_ca", "init_model", "ledger_key", "metrics_port"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 

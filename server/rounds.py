@@ -101,6 +101,7 @@ class Coordinator:
         self.rounds_done = 0
         self.last_outcome = ""
         self._groups: list[GroupRun] = []
+        self.metrics: Any = None   # ops.Metrics when the server serves metrics: counts every event recorded below
 
     # -- sessions -----------------------------------------------------------------------------
     def connect(self, session: Session) -> None:
@@ -122,6 +123,8 @@ class Coordinator:
             group.changed.set()
 
     def _event(self, round_id: str | None, client_id: str | None, kind: str, status: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_event(kind, status)
         try:
             self.store.record_event(round_id, client_id, kind, status, reason)
         except Exception:  # the record of a rejection must never take the server down

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -21,6 +22,7 @@ from secagg.wire.identity import CLIENT_ID, NONCE_BYTES, READ_WINDOW_SECONDS, PK
 
 from .config import ConfigError, ServerConfig
 from .ledger import LedgerError, LedgerKeyError, default_key_path, open_for_server
+from .ops import DatabaseLock, Metrics, add_health_and_reflection, check_extra, port_holder, port_in_use, set_serving
 from .rounds import AlreadyConnected, Coordinator
 from .session import Abort, Session
 from .store import Store, StoreError
@@ -165,16 +167,33 @@ class SecAggServicer(pb_grpc.SecAggServicer):
 
 @dataclass
 class RunningServer:
+    """A started server (see ``start``): ``port`` it listens on, ``task`` running the rounds (done once
+    ``cfg.rounds`` rounds have run), ``stop()`` to shut it down."""
+
     server: grpc.aio.Server
     port: int
     coordinator: Coordinator
     store: Store
     task: asyncio.Task
+    lock: DatabaseLock | None = None     # held until stop(): no second server on this database
+    health: Any = None                   # the grpc.health.v1 servicer
+    metrics: Metrics | None = None       # with cfg.metrics_port
+    metrics_port: int | None = None      # where /metrics is served (None: off)
+
+    async def wait(self) -> None:
+        """Until the round loop ends (after ``cfg.rounds`` rounds and ``linger_seconds``)."""
+        await asyncio.shield(self.task)
 
     async def stop(self, grace: float = 1.0) -> None:
         self.task.cancel()
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()   # health checks say NOT_SERVING from here on
         await self.server.stop(grace)
+        if self.metrics is not None:
+            self.metrics.close()
         self.store.close()
+        if self.lock is not None:
+            self.lock.release()   # last: nothing of ours writes the database after this
 
 
 def close_interrupted_rounds(store: Store) -> None:
@@ -223,13 +242,20 @@ def credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
 
 
 async def start(cfg: ServerConfig, *, on_round: Callable[[str], None] | None = None) -> RunningServer:
-    """Start the service (TLS always) and the round loop; returns once it listens."""
+    """Start the service (TLS always) and the round loop in the running event loop; returns once it
+    listens.  ``on_round(round_id)`` runs after each round.  Refuses (ConfigError, one line) a
+    database another server holds and a port something else listens on.  See docs/operating.md."""
     cfg.validate()
+    check_extra()
+    lock = DatabaseLock.acquire(cfg.db)   # before anything reads or writes the database
+    store: Store | None = None
+    server: grpc.aio.Server | None = None
+    metrics: Metrics | None = None
     try:
-        store = Store(cfg.db)
-    except StoreError as exc:
-        raise ConfigError(f"cannot open the database: {exc}") from None
-    try:
+        try:
+            store = Store(cfg.db)
+        except StoreError as exc:
+            raise ConfigError(f"cannot open the database: {exc}") from None
         key_path = cfg.ledger_key or default_key_path(cfg.db)
         try:   # before any write: never extend a chain that does not verify
             summary = open_for_server(store, key_path)
@@ -246,26 +272,50 @@ async def start(cfg: ServerConfig, *, on_round: Callable[[str], None] | None = N
             ("grpc.keepalive_time_ms", 20_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.so_reuseport", 0),   # gRPC's default lets a second server listen too and take half the clients
         ])
         coordinator = Coordinator(cfg, store)
         pb_grpc.add_SecAggServicer_to_server(SecAggServicer(coordinator, store, server_binding(cfg)), server)
+        health = add_health_and_reflection(server)
+        host, _, wanted = cfg.address.rpartition(":")
         try:
             port = server.add_secure_port(cfg.address, credentials(cfg))
         except RuntimeError as exc:
+            if int(wanted) and port_in_use(host, int(wanted)):
+                raise ConfigError(f"cannot listen on {cfg.address}: port {wanted} is already in use{port_holder(int(wanted))}; "
+                                  "stop that server or choose another --address") from None
             raise ConfigError(f"cannot listen on {cfg.address}: {exc}") from None
         if not port:
             raise ConfigError(f"cannot listen on {cfg.address}")
+        if cfg.metrics_port is not None:
+            metrics = Metrics(coordinator, store)
+            coordinator.metrics = metrics
+            metrics.serve(host, cfg.metrics_port)
         await server.start()
+        await set_serving(health)
+        lock.describe(address=f"{host}:{port}")
     except BaseException:
-        store.close()
+        if metrics is not None:
+            metrics.close()
+        if server is not None:
+            await server.stop(None)
+        if store is not None:
+            store.close()
+        lock.release()
         raise
 
     async def loop() -> None:
         while not cfg.rounds or coordinator.rounds_done < cfg.rounds:
             rid = await coordinator.run_round()
+            if metrics is not None:
+                try:
+                    metrics.observe_round(await asyncio.to_thread(store.round, rid))
+                except Exception:  # metrics must never stop the rounds
+                    log.exception("could not update the metrics for %s", rid)
             if on_round:
                 on_round(rid)
         await asyncio.sleep(cfg.linger_seconds)  # let clients fetch the last model before we stop
 
     task = asyncio.create_task(loop())
-    return RunningServer(server, port, coordinator, store, task)
+    return RunningServer(server, port, coordinator, store, task, lock=lock, health=health, metrics=metrics,
+                         metrics_port=metrics.port if metrics is not None else None)
