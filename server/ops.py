@@ -129,6 +129,16 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def port_taken(address: str) -> ConfigError | None:
+    """The error for a HOST:PORT something already listens on (None when free, or port 0)."""
+    host, _, text = address.rpartition(":")
+    port = int(text)
+    if not port or not port_in_use(host, port):
+        return None
+    return ConfigError(f"cannot listen on {address}: port {port} is already in use{port_holder(port)}; "
+                       "stop that server or choose another --address")
+
+
 def port_holder(port: int) -> str:
     """Best effort (Linux ``/proc``): which process listens on TCP ``port``, e.g. " (pid 12, secagg serve ...)"."""
     inodes: set[str] = set()

@@ -22,7 +22,7 @@ from secagg.wire.identity import CLIENT_ID, NONCE_BYTES, READ_WINDOW_SECONDS, PK
 
 from .config import ConfigError, ServerConfig
 from .ledger import LedgerError, LedgerKeyError, default_key_path, open_for_server
-from .ops import DatabaseLock, Metrics, add_health_and_reflection, check_extra, port_holder, port_in_use, set_serving
+from .ops import DatabaseLock, Metrics, add_health_and_reflection, check_extra, port_taken, set_serving
 from .rounds import AlreadyConnected, Coordinator
 from .session import Abort, Session
 from .store import Store, StoreError
@@ -247,6 +247,9 @@ async def start(cfg: ServerConfig, *, on_round: Callable[[str], None] | None = N
     database another server holds and a port something else listens on.  See docs/operating.md."""
     cfg.validate()
     check_extra()
+    taken = port_taken(cfg.address)   # before creating anything, and before gRPC tries (and logs lines of its own)
+    if taken is not None:
+        raise taken
     lock = DatabaseLock.acquire(cfg.db)   # before anything reads or writes the database
     store: Store | None = None
     server: grpc.aio.Server | None = None
@@ -277,14 +280,11 @@ async def start(cfg: ServerConfig, *, on_round: Callable[[str], None] | None = N
         coordinator = Coordinator(cfg, store)
         pb_grpc.add_SecAggServicer_to_server(SecAggServicer(coordinator, store, server_binding(cfg)), server)
         health = add_health_and_reflection(server)
-        host, _, wanted = cfg.address.rpartition(":")
+        host = cfg.address.rpartition(":")[0]
         try:
             port = server.add_secure_port(cfg.address, credentials(cfg))
         except RuntimeError as exc:
-            if int(wanted) and port_in_use(host, int(wanted)):
-                raise ConfigError(f"cannot listen on {cfg.address}: port {wanted} is already in use{port_holder(int(wanted))}; "
-                                  "stop that server or choose another --address") from None
-            raise ConfigError(f"cannot listen on {cfg.address}: {exc}") from None
+            raise port_taken(cfg.address) or ConfigError(f"cannot listen on {cfg.address}: {exc}") from None
         if not port:
             raise ConfigError(f"cannot listen on {cfg.address}")
         if cfg.metrics_port is not None:

@@ -194,6 +194,9 @@ def test_second_server_processes_are_refused_naming_the_port_or_the_database(tmp
     assert same_port.returncode == 2, same_port.stderr
     assert re.search(rf"^secagg serve: error: cannot listen on 127\.0\.0\.1:{port}: port {port} is already in use "
                      rf"\(by pid {os.getpid()}\b", same_port.stderr, re.M), same_port.stderr
+    assert len(same_port.stderr.strip().splitlines()) == 1, same_port.stderr   # one line, nothing created
+    assert len(same_db.stderr.strip().splitlines()) == 1, same_db.stderr
+    assert not (tmp_path / "b.db").exists()
     assert "Traceback" not in same_db.stderr + same_port.stderr
 
 
