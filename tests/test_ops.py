@@ -139,8 +139,9 @@ async def test_metrics_port_in_use_is_refused_and_releases_everything(tmp_path):
         await srv.stop(grace=0.1)
 
 
-def test_metrics_without_the_server_extra_names_it(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "prometheus_client", None)   # as if prometheus-client were not installed
+@pytest.mark.parametrize("module", ["prometheus_client", "grpc_health.v1.health", "grpc_reflection.v1alpha.reflection"])
+def test_a_server_without_the_server_extra_names_it(tmp_path, monkeypatch, module):
+    monkeypatch.setitem(sys.modules, module, None)   # as if that package were not installed
 
     async def go() -> None:
         async with running_server(tmp_path, 3, metrics_port=0):
