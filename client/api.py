@@ -312,6 +312,10 @@ class AsyncClient:
         first = await self._read(call, s.connect_timeout, "challenge")
         if first.WhichOneof("body") != "challenge":
             raise ClientError("server did not start with a challenge; is this a secagg server?")
+        announced = first.challenge.dim   # the model's length (0: an older server that does not say)
+        if isinstance(update, np.ndarray) and announced and update.size != announced:   # refuse before taking a seat
+            raise ClientError(f"update has {update.size} values but the server's model needs {announced}; "
+                              "not joining (a wrong-length update would only be dropped from the round)")
         commitment = commit_contribution(contribution)
         await self._write(call, pb.ClientMessage(hello=pb.Hello(
             client_id=s.client_id, library_version="secagg/0.1", server_binding=binding, contribution_commitment=commitment,

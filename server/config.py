@@ -51,6 +51,7 @@ class ServerConfig:
     chunk_words: int = 1 << 18         # words per masked-input chunk (1 MiB at 32 bits)
     max_inflight: int = 16             # masked-input streams assembled at once per group
     stall_seconds: float = 0.0         # drop a client silent this long mid-vector; 0 = phase_seconds / 4
+    min_upload_rate: float = 65536.0   # bytes/s: a masked input must arrive within stall limit + size / rate of taking a slot; 0 = no floor
     # robustness
     clip_norm: float = 10.0
     clip_value: float = 0.0            # 0 = only the norm bound
@@ -87,6 +88,8 @@ class ServerConfig:
             raise ConfigError("phase_seconds must be > 0 and lobby_seconds >= 0")
         if self.max_inflight < 1 or self.stall_seconds < 0:
             raise ConfigError("max_inflight must be >= 1 and stall_seconds >= 0")
+        if not self.min_upload_rate >= 0 or self.min_upload_rate == float("inf"):
+            raise ConfigError(f"min_upload_rate must be a finite number of bytes/s >= 0 (0: no floor), got {self.min_upload_rate!r}")
         if not 1 <= self.chunk_words <= 1 << 19:
             raise ConfigError("chunk_words must be in 1..524288 (at most 4 MiB a chunk with 64-bit words)")
         self._check_threshold()

@@ -40,6 +40,53 @@ log = logging.getLogger("secagg.server")
 # Above this a message is refused with RESOURCE_EXHAUSTED and recorded; gRPC's own limit is set
 # higher (service.py) so such a message reaches us instead of silently ending the stream.
 MAX_CLIENT_MESSAGE_BYTES = 8 << 20
+# Before the hello nobody is authenticated and a hello is a few hundred bytes: anything larger is
+# refused unparsed (gRPC has already buffered it, up to its own 12 MiB limit; see service.py).
+MAX_PREAUTH_MESSAGE_BYTES = 64 << 10
+
+
+class RejectionLimiter:
+    """Rejections before authentication come from anyone, as fast as they can open streams: the first
+    ``burst`` in each ``window`` seconds are recorded (an event row each) and logged at INFO; the rest
+    are counted and recorded as one summary row per status (kind ``suppressed``) when the window ends."""
+
+    def __init__(self, record: Any, *, burst: int = 20, window: float = 10.0) -> None:
+        self.record, self.burst, self.window = record, burst, window
+        self._end = 0.0
+        self._count = 0
+        self._suppressed: dict[str, list[Any]] = {}   # status -> [count, last reason]
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, client_id: str | None, status: str, reason: str) -> None:
+        now = time.monotonic()
+        if now >= self._end:
+            self.flush()
+            self._end, self._count = now + self.window, 0
+        self._count += 1
+        if self._count <= self.burst:
+            log.info("refused %s before authentication: %s %s", client_id or "a peer", status, reason)
+            self.record(None, client_id, "rejected", status, reason)
+            return
+        entry = self._suppressed.setdefault(status, [0, ""])
+        entry[0] += 1
+        entry[1] = reason
+        if self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(max(self._end - now, 0.0), self.flush)
+            except RuntimeError:   # no loop (tests calling it directly): flushed by the next call
+                pass
+
+    def flush(self) -> None:
+        """Record what was suppressed so far (one row per status)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._suppressed = self._suppressed, {}
+        for status, (n, last) in sorted(pending.items()):
+            summary = (f"{n} more {status} rejection(s) before authentication within {self.window:g} s, "
+                       f"beyond {self.burst} recorded one by one; the last: {last}")
+            log.info("%s", summary)
+            self.record(None, None, "suppressed", status, summary)
 
 
 class AlreadyConnected(Exception):
@@ -58,6 +105,7 @@ class Assembly:
     buffer: np.ndarray
     filled: int = 0
     stall_timer: asyncio.TimerHandle | None = None
+    rate_timer: asyncio.TimerHandle | None = None   # the whole-vector deadline (minimum upload rate)
 
 
 @dataclass(eq=False)
@@ -83,8 +131,9 @@ class GroupRun:
     def discard_assembly(self, index: int) -> None:
         a = self.assembly.pop(index, None)
         if a is not None:
-            if a.stall_timer is not None:
-                a.stall_timer.cancel()
+            for timer in (a.stall_timer, a.rate_timer):
+                if timer is not None:
+                    timer.cancel()
             self.inflight.release()
 
 
@@ -102,6 +151,7 @@ class Coordinator:
         self.last_outcome = ""
         self._groups: list[GroupRun] = []
         self.metrics: Any = None   # ops.Metrics when the server serves metrics: counts every event recorded below
+        self.preauth = RejectionLimiter(self._event)   # rejections before the hello is verified
 
     # -- sessions -----------------------------------------------------------------------------
     def connect(self, session: Session) -> None:
@@ -110,12 +160,21 @@ class Coordinator:
         self.sessions[session.client_id] = session
         self.lobby[session.client_id] = session
         self._joined.set()
+        log.info("%s joined the lobby: %s", session.client_id, self.lobby_summary())
+
+    def lobby_summary(self) -> str:
+        """'3 of 30 clients waiting' (30: what a round needs to start)."""
+        return f"{len(self._live())} of {self.cfg.min_clients} clients waiting"
 
     def disconnect(self, session: Session, detail: str = "stream closed") -> None:
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
-        self.lobby.pop(session.client_id, None)
+        if self.lobby.pop(session.client_id, None) is not None:
+            log.info("%s left the lobby (%s): %s", session.client_id, detail, self.lobby_summary())
         group = session.group
+        if session.closed:   # the server ended this stream itself (rejected, finished, shutdown): already recorded
+            return
+        session.closed = True
         if isinstance(group, GroupRun) and group.machine.state is ServerState.RUNNING and session.index in group.machine.alive:
             group.machine.drop(session.index, DropReason.DISCONNECTED, detail)
             group.discard_assembly(session.index)
@@ -132,6 +191,8 @@ class Coordinator:
 
     def reject(self, session: Session, reason: DropReason, message: str) -> None:
         """Drop ``session`` from its group, record why, and end its stream with the mapped status."""
+        if session.closed:   # already ended (a second fault on a dying stream is no news)
+            return
         code = STATUS_OF[reason]
         group = session.group
         round_id = None
@@ -141,6 +202,7 @@ class Coordinator:
                 group.machine.drop(session.index, reason, message)
             group.discard_assembly(session.index)
             group.changed.set()
+        log.info("rejected %s%s: %s %s", session.client_id, f" ({round_id})" if round_id else "", code.name, message)
         self._event(round_id, session.client_id, "rejected", code.name, message)
         session.abort(code, message)
 
@@ -197,6 +259,7 @@ class Coordinator:
                 group.inflight.release()
                 return
             a = group.assembly[i] = Assembly(np.empty(group.config.dim, dtype=group.config.dtype))
+            self._arm_rate_timer(group, i, a)
         words = convert.words_from_bytes(chunk.words, group.config.dtype)
         if chunk.offset != a.filled:
             why = DropReason.DUPLICATE if chunk.offset < a.filled else DropReason.MALFORMED
@@ -213,6 +276,23 @@ class Coordinator:
                 raise RemoteProtocolError(f"masked input has {a.filled} words, the round needs {group.config.dim}", index=i, reason=DropReason.WRONG_LENGTH)
             group.discard_assembly(i)
             m.receive(MaskedInput(i, a.buffer))
+
+    def _arm_rate_timer(self, group: GroupRun, i: int, a: Assembly) -> None:
+        """A trickler that sends a word just often enough to dodge the stall timer still holds its slot:
+        the whole vector must arrive within stall_limit + its size / min_upload_rate of taking one."""
+        rate = self.cfg.min_upload_rate
+        if rate <= 0:
+            return
+        size = a.buffer.nbytes
+        budget = self.cfg.stall_limit + size / rate
+
+        def too_slow() -> None:
+            if group.assembly.get(i) is a:
+                self.reject(group.members[i], DropReason.TIMEOUT,
+                            f"masked input too slow: {a.filled} of {a.buffer.size} words ({size} bytes) after {budget:.3g} s "
+                            f"holding an assembly slot; the minimum upload rate is {rate:g} bytes/s")
+
+        a.rate_timer = asyncio.get_running_loop().call_later(budget, too_slow)
 
     def _arm_stall_timer(self, group: GroupRun, i: int, a: Assembly) -> None:
         """A client that goes quiet mid-vector holds an assembly slot others wait for: drop it early."""
@@ -295,7 +375,12 @@ class Coordinator:
     async def run_round(self) -> str:
         """Wait for a cohort, run one round for all its groups, record it; returns the round id."""
         cfg = self.cfg
-        cohort = await self.wait_for_cohort()
+        try:
+            cohort = await self.wait_for_cohort()
+        except asyncio.CancelledError:   # shutdown: the lobby hears why, not a broken stream
+            for sess in list(self.lobby.values()):
+                sess.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; try again once it is back")
+            raise
         secrets.SystemRandom().shuffle(cohort)
         parts = [list(p) for p in np.array_split(np.array(cohort, dtype=object), cfg.groups) if len(p)]
         round_id = f"round-{int(time.time())}-{secrets.token_hex(3)}"
@@ -337,6 +422,7 @@ class Coordinator:
             except Exception:
                 log.exception("could not record the failure of %s", round_id)
             code = grpc.StatusCode.UNAVAILABLE if stopping else grpc.StatusCode.INTERNAL
+            self._event(round_id, None, "round_failed", code.name, reason)   # the server's side of what happened
             for g in groups:
                 for sess in g.members.values():
                     sess.abort(code, f"round {round_id} failed: {reason}; try the next round")
@@ -372,6 +458,8 @@ class Coordinator:
             finally:
                 g.timings[phase.label] = time.monotonic() - t0
                 g.survivors[phase.label] = [g.client(i) for i in sorted(m.received[phase])]
+                log.info("%s group %d: %s closed after %.2f s with %d of %d members%s", g.round_id, g.number, phase.label,
+                         g.timings[phase.label], len(m.received[phase]), g.config.members, f"; aborted: {g.error}" if g.error else "")
             if g.error:
                 return
             for i, msg in out.items():

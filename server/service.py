@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from secagg.protocol.errors import DropReason, RemoteProtocolError
 from secagg.protocol.signatures import verify
 from secagg.v1 import secagg_pb2 as pb
@@ -23,13 +24,13 @@ from secagg.wire.identity import CLIENT_ID, NONCE_BYTES, READ_WINDOW_SECONDS, PK
 from .config import ConfigError, ServerConfig
 from .ledger import LedgerError, LedgerKeyError, default_key_path, open_for_server
 from .ops import DatabaseLock, Metrics, add_health_and_reflection, check_extra, port_taken, set_serving
-from .rounds import AlreadyConnected, Coordinator
+from .rounds import MAX_CLIENT_MESSAGE_BYTES, MAX_PREAUTH_MESSAGE_BYTES, AlreadyConnected, Coordinator
 from .session import Abort, Session
 from .store import Store, StoreError
 
 log = logging.getLogger("secagg.server")
 
-MAX_MESSAGE_BYTES = 12 << 20   # gRPC's hard limit, even before hello; rounds.py refuses above 8 MiB with a reason
+MAX_MESSAGE_BYTES = 12 << 20   # gRPC's hard limit; the handlers refuse above 64 KiB before the hello and 8 MiB after
 MODEL_CHUNK_VALUES = 1 << 17   # 1 MiB of float64 per chunk
 SERVER_VERSION = "secagg/0.1"
 
@@ -73,13 +74,16 @@ class SecAggServicer(pb_grpc.SecAggServicer):
     async def Participate(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
         cfg = self.coordinator.cfg
         nonce = secrets.token_bytes(NONCE_BYTES)
-        await context.write(pb.ServerMessage(challenge=pb.Challenge(nonce=nonce, server_version=SERVER_VERSION)))
+        await context.write(pb.ServerMessage(challenge=pb.Challenge(nonce=nonce, server_version=SERVER_VERSION, dim=cfg.dim)))
         try:
-            first = await asyncio.wait_for(context.read(), cfg.phase_seconds)
+            data = await asyncio.wait_for(context.read(), cfg.phase_seconds)
         except TimeoutError:
             await self._refuse(context, None, grpc.StatusCode.DEADLINE_EXCEEDED, f"no hello within {cfg.phase_seconds:g} s")
-        if first is grpc.aio.EOF:
+        if data is grpc.aio.EOF:
             return
+        first, problem = _parse(pb.ClientMessage, data, MAX_PREAUTH_MESSAGE_BYTES, "the first message (a hello)")
+        if problem is not None:
+            await self._refuse(context, None, *problem)
         if first.WhichOneof("body") != "hello":
             await self._refuse(context, None, grpc.StatusCode.FAILED_PRECONDITION, "the first message on a stream must be hello")
         hello = first.hello
@@ -127,29 +131,42 @@ class SecAggServicer(pb_grpc.SecAggServicer):
             self.coordinator.disconnect(session, detail)
 
     async def _refuse(self, context: grpc.aio.ServicerContext, client_id: str | None, code: grpc.StatusCode, reason: str) -> None:
-        self.coordinator._event(None, client_id, "rejected", code.name, reason)
+        """Before authentication: recorded and logged through the coordinator's rate limit, then the status."""
+        self.coordinator.preauth(client_id, code.name, reason)
         await context.abort(code, reason)
 
     async def _read(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         detail = "stream closed by the client"
         try:
             while not session.closed:
-                msg = await context.read()
-                if msg is grpc.aio.EOF:
+                data = await context.read()
+                if data is grpc.aio.EOF:
+                    break
+                msg, problem = _parse(pb.ClientMessage, data, MAX_CLIENT_MESSAGE_BYTES, "a round message")
+                if problem is not None:
+                    code, reason = problem
+                    why = DropReason.OVERSIZED if code is grpc.StatusCode.RESOURCE_EXHAUSTED else DropReason.MALFORMED
+                    self.coordinator.reject(session, why, reason)
                     break
                 await self.coordinator.handle(session, msg)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a message that does not parse, or a broken stream
-            detail = f"unreadable message or broken stream ({type(exc).__name__})"
-            self.coordinator.reject(session, DropReason.MALFORMED, f"{detail}; send well-formed secagg.v1.ClientMessage")
+        except Exception as exc:
+            if session.closed:   # the server ended the stream (a rejection, a timeout, shutdown): nothing new to record
+                return
+            detail = f"broken stream ({type(exc).__name__})"
         self.coordinator.disconnect(session, detail)
 
-    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def GetModel(self, data: bytes | pb.GetModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        request, problem = _parse(pb.GetModelRequest, data, MAX_PREAUTH_MESSAGE_BYTES, "a GetModel request")
+        if problem is not None:
+            await self._refuse(context, None, *problem)
         await self._authorize_read(request.auth, "GetModel", request.version, context)
+        if request.version > MAX_MODEL_VERSION:   # SQLite integers are signed 64-bit
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no model version {request.version}")
         try:
             mv = await asyncio.to_thread(self.store.model, request.version or None)
-        except StoreError as exc:
+        except (StoreError, OverflowError) as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         values = np.ascontiguousarray(mv.params, dtype="<f8").ravel()
         digest = hashlib.sha256(values.tobytes()).hexdigest()   # over exactly the bytes we send
@@ -158,11 +175,47 @@ class SecAggServicer(pb_grpc.SecAggServicer):
             yield pb.ModelChunk(version=mv.version, dim=values.size, offset=start, values=part.tobytes(),
                                 digest=digest if start == 0 else "")
 
-    async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:  # noqa: N802
+    async def GetStatus(self, data: bytes | pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:  # noqa: N802
+        request, problem = _parse(pb.StatusRequest, data, MAX_PREAUTH_MESSAGE_BYTES, "a GetStatus request")
+        if problem is not None:
+            await self._refuse(context, None, *problem)
         await self._authorize_read(request.auth, "GetStatus", 0, context)
         c = self.coordinator
         return pb.StatusReply(model_version=self.store.latest_version() or 0, waiting_clients=len(c.lobby),
                               round_id=c.round_id, phase=c.phase, dim=c.cfg.dim)
+
+
+MAX_MODEL_VERSION = (1 << 63) - 1
+
+
+def _parse(cls: type, data: Any, limit: int, what: str) -> tuple[Any, tuple[grpc.StatusCode, str] | None]:
+    """Bytes off the wire -> ``cls``, or (None, (status, reason)): over ``limit`` bytes is refused unparsed."""
+    if isinstance(data, cls):
+        return data, None
+    if len(data) > limit:
+        return None, (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"{what} of {len(data)} bytes exceeds the {limit} byte limit; send smaller messages")
+    try:
+        return cls.FromString(data), None
+    except DecodeError:
+        return None, (grpc.StatusCode.INVALID_ARGUMENT,
+                      f"unreadable message: {what} does not parse as {cls.DESCRIPTOR.full_name}; send well-formed secagg.v1 messages")
+
+
+def add_servicer(servicer: SecAggServicer, server: grpc.aio.Server) -> None:
+    """Like the generated ``add_SecAggServicer_to_server``, but requests reach the servicer as bytes, so
+    a message that does not parse or is too large gets a precise status instead of gRPC's UNKNOWN
+    and a logged traceback."""
+    handlers = {
+        "Participate": grpc.stream_stream_rpc_method_handler(servicer.Participate, request_deserializer=None,
+                                                             response_serializer=pb.ServerMessage.SerializeToString),
+        "GetModel": grpc.unary_stream_rpc_method_handler(servicer.GetModel, request_deserializer=None,
+                                                         response_serializer=pb.ModelChunk.SerializeToString),
+        "GetStatus": grpc.unary_unary_rpc_method_handler(servicer.GetStatus, request_deserializer=None,
+                                                         response_serializer=pb.StatusReply.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("secagg.v1.SecAgg", handlers),))
+    server.add_registered_method_handlers("secagg.v1.SecAgg", handlers)
 
 
 @dataclass
@@ -278,7 +331,7 @@ async def start(cfg: ServerConfig, *, on_round: Callable[[str], None] | None = N
             ("grpc.so_reuseport", 0),   # gRPC's default lets a second server listen too and take half the clients
         ])
         coordinator = Coordinator(cfg, store)
-        pb_grpc.add_SecAggServicer_to_server(SecAggServicer(coordinator, store, server_binding(cfg)), server)
+        add_servicer(SecAggServicer(coordinator, store, server_binding(cfg)), server)
         health = add_health_and_reflection(server)
         host = cfg.address.rpartition(":")[0]
         try:

@@ -98,12 +98,12 @@ async def test_no_secret_reaches_logs_errors_or_reprs(tmp_path, caplog):
 
 def test_sync_client_rejects_a_wrong_length_update_with_the_needed_length(tmp_path):
     async def go():
-        async with running_server(tmp_path, 3) as h:
+        async with running_server(tmp_path, 3, registered=["bad"]) as h:   # refused before its hello: never seated
             loop = asyncio.get_running_loop()
             good = [loop.run_in_executor(None, lambda c=c: Client(h.address, ca_cert=h.pki.ca_cert, identity_key=h.keys[c],
-                                                                  client_id=c, policy=TEST_POLICY).participate(update_of(c))) for c in ("c1", "c2")]
-            bad = loop.run_in_executor(None, lambda: Client(h.address, ca_cert=h.pki.ca_cert, identity_key=h.keys["c0"],
-                                                            client_id="c0", policy=TEST_POLICY).participate(np.zeros(DIM + 1)))
+                                                                  client_id=c, policy=TEST_POLICY).participate(update_of(c))) for c in ("c0", "c1", "c2")]
+            bad = loop.run_in_executor(None, lambda: Client(h.address, ca_cert=h.pki.ca_cert, identity_key=h.keys["bad"],
+                                                            client_id="bad", policy=TEST_POLICY).participate(np.zeros(DIM + 1)))
             return await asyncio.gather(*good, bad, return_exceptions=True)
 
     *good, bad = asyncio.run(go())

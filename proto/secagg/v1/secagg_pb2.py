@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16secagg/v1/secagg.proto\x12\tsecagg.v1\"\xf0\x02\n\rClientMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.secagg.v1.HelloH\x00\x12\x32\n\x0e\x61\x64vertise_keys\x18\x02 \x01(\x0b\x32\x18.secagg.v1.AdvertiseKeysH\x00\x12*\n\nshare_keys\x18\x03 \x01(\x0b\x32\x14.secagg.v1.ShareKeysH\x00\x12\x33\n\x0cmasked_input\x18\x04 \x01(\x0b\x32\x1b.secagg.v1.MaskedInputChunkH\x00\x12@\n\x15\x63onsistency_signature\x18\x05 \x01(\x0b\x32\x1f.secagg.v1.ConsistencySignatureH\x00\x12\x34\n\x0funmask_response\x18\x06 \x01(\x0b\x32\x19.secagg.v1.UnmaskResponseH\x00\x12\'\n\x05\x61\x62ort\x18\x07 \x01(\x0b\x32\x16.secagg.v1.ClientAbortH\x00\x42\x06\n\x04\x62ody\"\x7f\n\x05Hello\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x17\n\x0flibrary_version\x18\x03 \x01(\t\x12\x16\n\x0eserver_binding\x18\x04 \x01(\x0c\x12\x1f\n\x17\x63ontribution_commitment\x18\x05 \x01(\x0c\"\\\n\rAdvertiseKeys\x12\x10\n\x08\x63_public\x18\x01 \x01(\x0c\x12\x10\n\x08s_public\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontribution\x18\x04 \x01(\x0c\"F\n\x0e\x45ncryptedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x10\n\x08receiver\x18\x02 \x01(\r\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"T\n\tShareKeys\x12)\n\x06shares\x18\x01 \x03(\x0b\x32\x19.secagg.v1.EncryptedShare\x12\x1c\n\x14self_mask_commitment\x18\x02 \x01(\x0c\"?\n\x10MaskedInputChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\r\n\x05words\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\")\n\x14\x43onsistencySignature\x12\x11\n\tsignature\x18\x01 \x01(\x0c\",\n\x0cIndexedShare\x12\r\n\x05owner\x18\x01 \x01(\r\x12\r\n\x05share\x18\x02 \x01(\x0c\"u\n\x0eUnmaskResponse\x12\x31\n\x10self_mask_shares\x18\x01 \x03(\x0b\x32\x17.secagg.v1.IndexedShare\x12\x30\n\x0fmask_key_shares\x18\x02 \x03(\x0b\x32\x17.secagg.v1.IndexedShare\"\x1d\n\x0b\x43lientAbort\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xf8\x02\n\rServerMessage\x12)\n\tchallenge\x18\x01 \x01(\x0b\x32\x14.secagg.v1.ChallengeH\x00\x12.\n\x0cround_config\x18\x02 \x01(\x0b\x32\x16.secagg.v1.RoundConfigH\x00\x12\x32\n\x0ekeys_broadcast\x18\x03 \x01(\x0b\x32\x18.secagg.v1.KeysBroadcastH\x00\x12\x34\n\x0fshares_delivery\x18\x04 \x01(\x0b\x32\x19.secagg.v1.SharesDeliveryH\x00\x12<\n\x13\x63onsistency_request\x18\x05 \x01(\x0b\x32\x1d.secagg.v1.ConsistencyRequestH\x00\x12\x32\n\x0eunmask_request\x18\x06 \x01(\x0b\x32\x18.secagg.v1.UnmaskRequestH\x00\x12(\n\x06result\x18\x07 \x01(\x0b\x32\x16.secagg.v1.RoundResultH\x00\x42\x06\n\x04\x62ody\"2\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\"O\n\x0e\x45ncodingParams\x12\x11\n\tclip_norm\x18\x01 \x01(\x01\x12\x12\n\nclip_value\x18\x02 \x01(\x01\x12\x16\n\x0eprecision_bits\x18\x03 \x01(\r\"\xee\x02\n\x0bRoundConfig\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\r\x12\r\n\x05index\x18\x03 \x01(\r\x12\x0f\n\x07session\x18\x04 \x01(\x0c\x12\x0f\n\x07members\x18\x05 \x01(\r\x12\x11\n\tthreshold\x18\x06 \x01(\r\x12\x0b\n\x03\x64im\x18\x07 \x01(\x04\x12\x14\n\x0cmodulus_bits\x18\x08 \x01(\r\x12\x1d\n\x04mode\x18\t \x01(\x0e\x32\x0f.secagg.v1.Mode\x12\x11\n\tneighbors\x18\n \x01(\r\x12+\n\x08\x65ncoding\x18\x0c \x01(\x0b\x32\x19.secagg.v1.EncodingParams\x12\x15\n\rmodel_version\x18\r \x01(\x04\x12\x1d\n\x15phase_timeout_seconds\x18\x0e \x01(\x01\x12\x13\n\x0b\x63hunk_words\x18\x0f \x01(\r\x12\x12\n\nmember_ids\x18\x10 \x03(\t\x12\x13\n\x0b\x63ommitments\x18\x11 \x03(\x0cJ\x04\x08\x0b\x10\x0c\"h\n\x0e\x41\x64vertisedKeys\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08\x63_public\x18\x02 \x01(\x0c\x12\x10\n\x08s_public\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x10\n\x08identity\x18\x05 \x01(\x0c\"O\n\rKeysBroadcast\x12\'\n\x04keys\x18\x01 \x03(\x0b\x32\x19.secagg.v1.AdvertisedKeys\x12\x15\n\rcontributions\x18\x02 \x03(\x0c\";\n\x0eSharesDelivery\x12)\n\x06shares\x18\x01 \x03(\x0b\x32\x19.secagg.v1.EncryptedShare\"\'\n\x12\x43onsistencyRequest\x12\x11\n\tsurvivors\x18\x01 \x03(\r\"4\n\x10IndexedSignature\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"d\n\rUnmaskRequest\x12\x11\n\tsurvivors\x18\x01 \x03(\r\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\r\x12/\n\nsignatures\x18\x03 \x03(\x0b\x32\x1b.secagg.v1.IndexedSignature\"\x89\x01\n\x0bRoundResult\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x04\x12\x16\n\x0egroup_accepted\x18\x05 \x01(\x08\x12\x18\n\x10\x61ggregate_digest\x18\x06 \x01(\t\"^\n\x08ReadAuth\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x04\x12\x16\n\x0eserver_binding\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"E\n\x0fGetModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12!\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x13.secagg.v1.ReadAuth\"Z\n\nModelChunk\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0b\n\x03\x64im\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\"2\n\rStatusRequest\x12!\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x13.secagg.v1.ReadAuth\"k\n\x0bStatusReply\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x17\n\x0fwaiting_clients\x18\x02 \x01(\r\x12\x10\n\x08round_id\x18\x03 \x01(\t\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x0b\n\x03\x64im\x18\x05 \x01(\x04*C\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10MODE_SEMI_HONEST\x10\x01\x12\x0f\n\x0bMODE_ACTIVE\x10\x02\x32\xcf\x01\n\x06SecAgg\x12\x45\n\x0bParticipate\x12\x18.secagg.v1.ClientMessage\x1a\x18.secagg.v1.ServerMessage(\x01\x30\x01\x12?\n\x08GetModel\x12\x1a.secagg.v1.GetModelRequest\x1a\x15.secagg.v1.ModelChunk0\x01\x12=\n\tGetStatus\x12\x18.secagg.v1.StatusRequest\x1a\x16.secagg.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16secagg/v1/secagg.proto\x12\tsecagg.v1\"\xf0\x02\n\rClientMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.secagg.v1.HelloH\x00\x12\x32\n\x0e\x61\x64vertise_keys\x18\x02 \x01(\x0b\x32\x18.secagg.v1.AdvertiseKeysH\x00\x12*\n\nshare_keys\x18\x03 \x01(\x0b\x32\x14.secagg.v1.ShareKeysH\x00\x12\x33\n\x0cmasked_input\x18\x04 \x01(\x0b\x32\x1b.secagg.v1.MaskedInputChunkH\x00\x12@\n\x15\x63onsistency_signature\x18\x05 \x01(\x0b\x32\x1f.secagg.v1.ConsistencySignatureH\x00\x12\x34\n\x0funmask_response\x18\x06 \x01(\x0b\x32\x19.secagg.v1.UnmaskResponseH\x00\x12\'\n\x05\x61\x62ort\x18\x07 \x01(\x0b\x32\x16.secagg.v1.ClientAbortH\x00\x42\x06\n\x04\x62ody\"\x7f\n\x05Hello\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x17\n\x0flibrary_version\x18\x03 \x01(\t\x12\x16\n\x0eserver_binding\x18\x04 \x01(\x0c\x12\x1f\n\x17\x63ontribution_commitment\x18\x05 \x01(\x0c\"\\\n\rAdvertiseKeys\x12\x10\n\x08\x63_public\x18\x01 \x01(\x0c\x12\x10\n\x08s_public\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontribution\x18\x04 \x01(\x0c\"F\n\x0e\x45ncryptedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x10\n\x08receiver\x18\x02 \x01(\r\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"T\n\tShareKeys\x12)\n\x06shares\x18\x01 \x03(\x0b\x32\x19.secagg.v1.EncryptedShare\x12\x1c\n\x14self_mask_commitment\x18\x02 \x01(\x0c\"?\n\x10MaskedInputChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\r\n\x05words\x18\x02 \x01(\x0c\x12\x0c\n\x04last\x18\x03 \x01(\x08\")\n\x14\x43onsistencySignature\x12\x11\n\tsignature\x18\x01 \x01(\x0c\",\n\x0cIndexedShare\x12\r\n\x05owner\x18\x01 \x01(\r\x12\r\n\x05share\x18\x02 \x01(\x0c\"u\n\x0eUnmaskResponse\x12\x31\n\x10self_mask_shares\x18\x01 \x03(\x0b\x32\x17.secagg.v1.IndexedShare\x12\x30\n\x0fmask_key_shares\x18\x02 \x03(\x0b\x32\x17.secagg.v1.IndexedShare\"\x1d\n\x0b\x43lientAbort\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xf8\x02\n\rServerMessage\x12)\n\tchallenge\x18\x01 \x01(\x0b\x32\x14.secagg.v1.ChallengeH\x00\x12.\n\x0cround_config\x18\x02 \x01(\x0b\x32\x16.secagg.v1.RoundConfigH\x00\x12\x32\n\x0ekeys_broadcast\x18\x03 \x01(\x0b\x32\x18.secagg.v1.KeysBroadcastH\x00\x12\x34\n\x0fshares_delivery\x18\x04 \x01(\x0b\x32\x19.secagg.v1.SharesDeliveryH\x00\x12<\n\x13\x63onsistency_request\x18\x05 \x01(\x0b\x32\x1d.secagg.v1.ConsistencyRequestH\x00\x12\x32\n\x0eunmask_request\x18\x06 \x01(\x0b\x32\x18.secagg.v1.UnmaskRequestH\x00\x12(\n\x06result\x18\x07 \x01(\x0b\x32\x16.secagg.v1.RoundResultH\x00\x42\x06\n\x04\x62ody\"?\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\x04\"O\n\x0e\x45ncodingParams\x12\x11\n\tclip_norm\x18\x01 \x01(\x01\x12\x12\n\nclip_value\x18\x02 \x01(\x01\x12\x16\n\x0eprecision_bits\x18\x03 \x01(\r\"\xee\x02\n\x0bRoundConfig\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\r\x12\r\n\x05index\x18\x03 \x01(\r\x12\x0f\n\x07session\x18\x04 \x01(\x0c\x12\x0f\n\x07members\x18\x05 \x01(\r\x12\x11\n\tthreshold\x18\x06 \x01(\r\x12\x0b\n\x03\x64im\x18\x07 \x01(\x04\x12\x14\n\x0cmodulus_bits\x18\x08 \x01(\r\x12\x1d\n\x04mode\x18\t \x01(\x0e\x32\x0f.secagg.v1.Mode\x12\x11\n\tneighbors\x18\n \x01(\r\x12+\n\x08\x65ncoding\x18\x0c \x01(\x0b\x32\x19.secagg.v1.EncodingParams\x12\x15\n\rmodel_version\x18\r \x01(\x04\x12\x1d\n\x15phase_timeout_seconds\x18\x0e \x01(\x01\x12\x13\n\x0b\x63hunk_words\x18\x0f \x01(\r\x12\x12\n\nmember_ids\x18\x10 \x03(\t\x12\x13\n\x0b\x63ommitments\x18\x11 \x03(\x0cJ\x04\x08\x0b\x10\x0c\"h\n\x0e\x41\x64vertisedKeys\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08\x63_public\x18\x02 \x01(\x0c\x12\x10\n\x08s_public\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x10\n\x08identity\x18\x05 \x01(\x0c\"O\n\rKeysBroadcast\x12\'\n\x04keys\x18\x01 \x03(\x0b\x32\x19.secagg.v1.AdvertisedKeys\x12\x15\n\rcontributions\x18\x02 \x03(\x0c\";\n\x0eSharesDelivery\x12)\n\x06shares\x18\x01 \x03(\x0b\x32\x19.secagg.v1.EncryptedShare\"\'\n\x12\x43onsistencyRequest\x12\x11\n\tsurvivors\x18\x01 \x03(\r\"4\n\x10IndexedSignature\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"d\n\rUnmaskRequest\x12\x11\n\tsurvivors\x18\x01 \x03(\r\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\r\x12/\n\nsignatures\x18\x03 \x03(\x0b\x32\x1b.secagg.v1.IndexedSignature\"\x89\x01\n\x0bRoundResult\x12\x10\n\x08round_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\x04\x12\x16\n\x0egroup_accepted\x18\x05 \x01(\x08\x12\x18\n\x10\x61ggregate_digest\x18\x06 \x01(\t\"^\n\x08ReadAuth\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x04\x12\x16\n\x0eserver_binding\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"E\n\x0fGetModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12!\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x13.secagg.v1.ReadAuth\"Z\n\nModelChunk\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0b\n\x03\x64im\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\"2\n\rStatusRequest\x12!\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x13.secagg.v1.ReadAuth\"k\n\x0bStatusReply\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x17\n\x0fwaiting_clients\x18\x02 \x01(\r\x12\x10\n\x08round_id\x18\x03 \x01(\t\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x0b\n\x03\x64im\x18\x05 \x01(\x04*C\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10MODE_SEMI_HONEST\x10\x01\x12\x0f\n\x0bMODE_ACTIVE\x10\x02\x32\xcf\x01\n\x06SecAgg\x12\x45\n\x0bParticipate\x12\x18.secagg.v1.ClientMessage\x1a\x18.secagg.v1.ServerMessage(\x01\x30\x01\x12?\n\x08GetModel\x12\x1a.secagg.v1.GetModelRequest\x1a\x15.secagg.v1.ModelChunk0\x01\x12=\n\tGetStatus\x12\x18.secagg.v1.StatusRequest\x1a\x16.secagg.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'secagg.v1.secagg_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODE']._serialized_start=2979
-  _globals['_MODE']._serialized_end=3046
+  _globals['_MODE']._serialized_start=2992
+  _globals['_MODE']._serialized_end=3059
   _globals['_CLIENTMESSAGE']._serialized_start=38
   _globals['_CLIENTMESSAGE']._serialized_end=406
   _globals['_HELLO']._serialized_start=408
@@ -56,35 +56,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVERMESSAGE']._serialized_start=1094
   _globals['_SERVERMESSAGE']._serialized_end=1470
   _globals['_CHALLENGE']._serialized_start=1472
-  _globals['_CHALLENGE']._serialized_end=1522
-  _globals['_ENCODINGPARAMS']._serialized_start=1524
-  _globals['_ENCODINGPARAMS']._serialized_end=1603
-  _globals['_ROUNDCONFIG']._serialized_start=1606
-  _globals['_ROUNDCONFIG']._serialized_end=1972
-  _globals['_ADVERTISEDKEYS']._serialized_start=1974
-  _globals['_ADVERTISEDKEYS']._serialized_end=2078
-  _globals['_KEYSBROADCAST']._serialized_start=2080
-  _globals['_KEYSBROADCAST']._serialized_end=2159
-  _globals['_SHARESDELIVERY']._serialized_start=2161
-  _globals['_SHARESDELIVERY']._serialized_end=2220
-  _globals['_CONSISTENCYREQUEST']._serialized_start=2222
-  _globals['_CONSISTENCYREQUEST']._serialized_end=2261
-  _globals['_INDEXEDSIGNATURE']._serialized_start=2263
-  _globals['_INDEXEDSIGNATURE']._serialized_end=2315
-  _globals['_UNMASKREQUEST']._serialized_start=2317
-  _globals['_UNMASKREQUEST']._serialized_end=2417
-  _globals['_ROUNDRESULT']._serialized_start=2420
-  _globals['_ROUNDRESULT']._serialized_end=2557
-  _globals['_READAUTH']._serialized_start=2559
-  _globals['_READAUTH']._serialized_end=2653
-  _globals['_GETMODELREQUEST']._serialized_start=2655
-  _globals['_GETMODELREQUEST']._serialized_end=2724
-  _globals['_MODELCHUNK']._serialized_start=2726
-  _globals['_MODELCHUNK']._serialized_end=2816
-  _globals['_STATUSREQUEST']._serialized_start=2818
-  _globals['_STATUSREQUEST']._serialized_end=2868
-  _globals['_STATUSREPLY']._serialized_start=2870
-  _globals['_STATUSREPLY']._serialized_end=2977
-  _globals['_SECAGG']._serialized_start=3049
-  _globals['_SECAGG']._serialized_end=3256
+  _globals['_CHALLENGE']._serialized_end=1535
+  _globals['_ENCODINGPARAMS']._serialized_start=1537
+  _globals['_ENCODINGPARAMS']._serialized_end=1616
+  _globals['_ROUNDCONFIG']._serialized_start=1619
+  _globals['_ROUNDCONFIG']._serialized_end=1985
+  _globals['_ADVERTISEDKEYS']._serialized_start=1987
+  _globals['_ADVERTISEDKEYS']._serialized_end=2091
+  _globals['_KEYSBROADCAST']._serialized_start=2093
+  _globals['_KEYSBROADCAST']._serialized_end=2172
+  _globals['_SHARESDELIVERY']._serialized_start=2174
+  _globals['_SHARESDELIVERY']._serialized_end=2233
+  _globals['_CONSISTENCYREQUEST']._serialized_start=2235
+  _globals['_CONSISTENCYREQUEST']._serialized_end=2274
+  _globals['_INDEXEDSIGNATURE']._serialized_start=2276
+  _globals['_INDEXEDSIGNATURE']._serialized_end=2328
+  _globals['_UNMASKREQUEST']._serialized_start=2330
+  _globals['_UNMASKREQUEST']._serialized_end=2430
+  _globals['_ROUNDRESULT']._serialized_start=2433
+  _globals['_ROUNDRESULT']._serialized_end=2570
+  _globals['_READAUTH']._serialized_start=2572
+  _globals['_READAUTH']._serialized_end=2666
+  _globals['_GETMODELREQUEST']._serialized_start=2668
+  _globals['_GETMODELREQUEST']._serialized_end=2737
+  _globals['_MODELCHUNK']._serialized_start=2739
+  _globals['_MODELCHUNK']._serialized_end=2829
+  _globals['_STATUSREQUEST']._serialized_start=2831
+  _globals['_STATUSREQUEST']._serialized_end=2881
+  _globals['_STATUSREPLY']._serialized_start=2883
+  _globals['_STATUSREPLY']._serialized_end=2990
+  _globals['_SECAGG']._serialized_start=3062
+  _globals['_SECAGG']._serialized_end=3269
 # @@protoc_insertion_point(module_scope)

@@ -135,12 +135,14 @@ class ServerMessage(_message.Message):
     def __init__(self, challenge: _Optional[_Union[Challenge, _Mapping]] = ..., round_config: _Optional[_Union[RoundConfig, _Mapping]] = ..., keys_broadcast: _Optional[_Union[KeysBroadcast, _Mapping]] = ..., shares_delivery: _Optional[_Union[SharesDelivery, _Mapping]] = ..., consistency_request: _Optional[_Union[ConsistencyRequest, _Mapping]] = ..., unmask_request: _Optional[_Union[UnmaskRequest, _Mapping]] = ..., result: _Optional[_Union[RoundResult, _Mapping]] = ...) -> None: ...
 
 class Challenge(_message.Message):
-    __slots__ = ("nonce", "server_version")
+    __slots__ = ("nonce", "server_version", "dim")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
     nonce: bytes
     server_version: str
-    def __init__(self, nonce: _Optional[bytes] = ..., server_version: _Optional[str] = ...) -> None: ...
+    dim: int
+    def __init__(self, nonce: _Optional[bytes] = ..., server_version: _Optional[str] = ..., dim: _Optional[int] = ...) -> None: ...
 
 class EncodingParams(_message.Message):
     __slots__ = ("clip_norm", "clip_value", "precision_bits")
