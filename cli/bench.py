@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .main import UsageError
+from .main import EXIT_ABORTED, EXIT_FAILED, NEIGHBORS_HELP, UsageError, neighbors_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,23 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--dim", type=int, default=100_000)
     p.add_argument("--dropout", type=float, default=0.0, help="fraction of clients that drop, spread over the phases")
-    p.add_argument("--neighbors", default="full", help="SecAgg+ neighbour count k (even), or 'full' for the complete graph")
+    p.add_argument("--neighbors", type=neighbors_arg, default=0, help=NEIGHBORS_HELP)
     p.add_argument("--mode", choices=["semi-honest", "active"], default="semi-honest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")
     p.set_defaults(func=run)
-
-
-def parse_neighbors(value: str) -> int | None:
-    if value == "full":
-        return None
-    try:
-        k = int(value)
-    except ValueError:
-        raise UsageError(f"--neighbors must be an even integer or 'full', got {value!r}") from None
-    if k < 2 or k % 2:
-        raise UsageError(f"--neighbors must be an even integer >= 2, got {k}")
-    return k
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--dim must be positive")
     if not 0 <= args.dropout < 1:
         raise UsageError("--dropout must be in [0, 1)")
-    rep = bench_round(args.clients, args.dim, dropout=args.dropout, neighbors=parse_neighbors(args.neighbors),
+    rep = bench_round(args.clients, args.dim, dropout=args.dropout, neighbors=args.neighbors or None,
                       mode=Mode(args.mode), seed=args.seed)
     print_report(rep)
     if args.json:
@@ -53,8 +41,11 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(rep, indent=2))
     if rep["aborted"]:
         print(f"round aborted: {rep['aborted']}")
-        return 1
-    return 0 if rep["correct"] else 1
+        return EXIT_ABORTED
+    if not rep["correct"]:
+        print("the aggregate differs from the plaintext sum")
+        return EXIT_FAILED
+    return 0
 
 
 def _fmt(v: float | None) -> str:

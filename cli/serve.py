@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import dataclasses
 import signal
 
-from .main import UsageError
+from .main import NEIGHBORS_HELP, UsageError, neighbors_arg
 
 _FLAGS = {  # flag -> (type, help)
-    "address": (str, "host:port to listen on (default 127.0.0.1:50051)"),
+    "address": (str, "host:port to listen on (port 0: any free port)"),
     "db": (str, "SQLite database file (created if missing)"),
     "tls_cert": (str, "PEM server certificate"),
     "tls_key": (str, "PEM server private key"),
@@ -25,8 +25,8 @@ _FLAGS = {  # flag -> (type, help)
     "max_clients": (int, "clients taken into one round"),
     "lobby_seconds": (float, "extra wait for more clients once min_clients wait"),
     "groups": (int, "secure-aggregation groups per round"),
-    "mode": (str, "active (default) or semi-honest (default clients refuse it)"),
-    "neighbors": (int, "SecAgg+ neighbour count (even; 0 = complete graph)"),
+    "mode": (str, "active, or semi-honest (default clients refuse it)"),
+    "neighbors": (neighbors_arg, NEIGHBORS_HELP),
     "threshold": (float, "0 = safe minimum; <1 fraction of share holders; >=1 absolute"),
     "phase_seconds": (float, "per-phase deadline"),
     "chunk_words": (int, "words per masked-input chunk"),
@@ -41,15 +41,35 @@ _FLAGS = {  # flag -> (type, help)
 }
 
 
+_CHOICES = {"mode": ("active", "semi-honest")}
+
+
+def _defaults() -> dict[str, object]:
+    from secagg.server.config import ServerConfig
+
+    return {f.name: f.default for f in dataclasses.fields(ServerConfig) if f.default is not dataclasses.MISSING}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    from .log import FORMATS, LEVELS
+
     p = sub.add_parser("serve", help="run the secure-aggregation server",
-                       description="Run the gRPC server. Settings come from --config (TOML) and these flags (flags win).")
+                       description="Run the gRPC server. Settings come from --config (TOML) and these flags (flags win); "
+                                   "the defaults shown are ServerConfig's, used when neither sets a value.")
     p.add_argument("--config", help="TOML file with the settings (flat, or under [server])")
+    defaults = _defaults()
     for name, (typ, help_) in _FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+        default = defaults.get(name)
+        shown = "" if default in ("", None) else f" (default: {default})"
+        # default=None: a flag not given leaves the TOML value (or ServerConfig's default) alone
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, choices=_CHOICES.get(name),
+                       help=(help_ + shown).replace("%", "%%"))
     p.add_argument("--public-reads", dest="public_reads", action="store_const", const=True, default=None,
                    help="let any TLS peer download models and read the status (default: registered clients, signed)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--log-level", choices=LEVELS, default="info", help="log lines at this level and above (default: info)")
+    p.add_argument("--log-format", choices=FORMATS, default="text",
+                   help="text (through rich when installed) or json: one JSON object per line (default: text)")
+    p.add_argument("-v", "--verbose", action="store_true", help="same as --log-level debug")
     p.set_defaults(func=run)
 
 
@@ -57,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     from secagg.server.config import ConfigError, load
     from secagg.server.service import start
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    from .log import setup_logging
+
+    setup_logging("debug" if args.verbose else args.log_level, args.log_format)
     try:
         cfg = load(args.config, {k: getattr(args, k) for k in (*_FLAGS, "public_reads")})
     except ConfigError as exc:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .main import UsageError
+from .main import EXIT_ABORTED, EXIT_FAILED, NEIGHBORS_HELP, UsageError, neighbors_arg, require_sim_extra
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,8 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dropout", type=float, default=0.1, help="fraction of clients that drop each round")
     p.add_argument("--dropout-phase", default="random", help="phase they drop before: advertise_keys, share_keys, "
                    "masked_input, consistency_check, unmasking, or random")
-    p.add_argument("--groups", type=int, default=3)
-    p.add_argument("--neighbors", type=int, default=0, help="SecAgg+ neighbour count (even); 0 = complete graph")
+    p.add_argument("--groups", type=int, default=None, help="secure-aggregation groups (default: 3 from 30 clients, "
+                   "clients // 10 below, at least 1)")
+    p.add_argument("--neighbors", type=neighbors_arg, default=0, help=NEIGHBORS_HELP)
     p.add_argument("--mode", choices=["semi-honest", "active"], default="active")
     p.add_argument("--threshold", type=float, default=0.0, help="0 = safe minimum; <1 fraction; >=1 absolute")
     p.add_argument("--processes", type=int, default=2, help="client worker processes")
@@ -35,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="digits: softmax regression on scikit-learn's digits (default unless --dim is given)")
     g.add_argument("--rule", default="mean", help="robust rule over group means")
     g.add_argument("--byzantine-groups", type=int, default=0, help="f for the robust rule")
-    g.add_argument("--attack", default="none", help="none, scaling, sign_flip, gaussian, alie, ipm, backdoor, label_flip, sybil")
+    g.add_argument("--attack", default="none", help="none, scaling, sign_flip, gaussian, alie, ipm, backdoor, label_flip, "
+                   "sybil ('-' for '_' works too)")
     g.add_argument("--byzantine", type=float, default=0.0, help="fraction of clients that attack")
     g.add_argument("--bypass-bounds", action="store_true", help="attackers skip the library's bounding (send raw values)")
     g.add_argument("--clip-norm", type=float, default=None, help="L2 bound B (default 10 synthetic, 5 digits)")
@@ -44,21 +46,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from secagg.simulation.simulate import SimConfig, SimulationError, run_simulation
-
     task = args.task or ("synthetic" if args.dim is not None else "digits")
+    require_sim_extra("simulate", ("rich",) if task == "synthetic" else ("rich", "sklearn"))
+    from secagg.simulation.attacks import normalize_attack_name
+    from secagg.simulation.simulate import SimConfig, SimulationError, default_groups, run_simulation
+
     if task == "digits" and args.dim is not None:
         raise UsageError("--dim applies to --task synthetic; the digits model's size is fixed")
+    groups = default_groups(args.clients) if args.groups is None else args.groups
     try:
         def given(value: float | None, default: float) -> float:
             return default if value is None else value
 
         cfg = SimConfig(
             clients=args.clients, dim=int(given(args.dim, 1000)), rounds=int(given(args.rounds, 3 if task == "synthetic" else 12)),
-            dropout=args.dropout, dropout_phase=args.dropout_phase, groups=args.groups, neighbors=args.neighbors,
+            dropout=args.dropout, dropout_phase=args.dropout_phase, groups=groups, neighbors=args.neighbors,
             mode=args.mode, threshold=args.threshold, processes=args.processes, seed=args.seed, phase_seconds=args.phase_seconds,
             clip_norm=given(args.clip_norm, 10.0 if task == "synthetic" else 5.0), task=None if task == "synthetic" else task,
-            rule=args.rule, byzantine_groups=args.byzantine_groups, attack=args.attack, byzantine=args.byzantine,
+            rule=args.rule, byzantine_groups=args.byzantine_groups, attack=normalize_attack_name(args.attack), byzantine=args.byzantine,
             bypass_bounds=args.bypass_bounds, non_iid=args.non_iid, workdir=args.workdir,
         ).validate()
         if cfg.task:
@@ -69,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes get the whole table
+    from .log import setup_logging
+
+    setup_logging("warning", console=console)  # log lines print above the progress bars, not through them
     what = f"synthetic vectors (dim {cfg.dim})" if task == "synthetic" else "softmax regression on digits"
     console.print(f"[bold]secagg simulate[/]: {cfg.clients} clients in {cfg.groups} group(s), {what}, {cfg.rounds} rounds, {cfg.mode}, "
                   f"dropout {cfg.dropout:.0%} before {cfg.dropout_phase}, {cfg.processes} worker processes")
@@ -88,10 +96,18 @@ def run(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2, default=str))
         console.print(f"summary written to {args.json}")
-    if summary["correct"] and not any(r["outcome"] == "completed" for r in summary["rounds"]):
-        console.print("[red]no round completed[/]: see the outcome column, or rerun with --workdir DIR and `secagg rounds --db DIR/secagg.db`")
-        return 1
-    return 0 if summary["correct"] else 1
+    return exit_code(console, summary)
+
+
+def exit_code(console: object, summary: dict) -> int:
+    """1 when an aggregate differs from its plaintext sum, 5 when a round did not complete, else 0."""
+    if not summary["correct"]:
+        return EXIT_FAILED
+    if any(r["outcome"] != "completed" for r in summary["rounds"]) or len(summary["rounds"]) < summary["config"]["rounds"]:
+        console.print("see the outcome column, or rerun with --workdir DIR and "  # type: ignore[attr-defined]
+                      "`secagg rounds --db DIR/secagg.db`")
+        return EXIT_ABORTED
+    return 0
 
 
 _ABBREV = {"advertise_keys": "ak", "share_keys": "sk", "masked_input": "mi", "consistency_check": "cc", "unmasking": "um"}
@@ -122,6 +138,14 @@ def print_summary(console: object, summary: dict) -> None:
     console.print(t)  # type: ignore[attr-defined]
     last = summary["rounds"][-1] if summary["rounds"] else {}
     acc = f"test accuracy {last['accuracy']:.3f}; " if task and "accuracy" in last else ""
+    verdict = "[green]yes[/]" if summary["correct"] else "[red]NO[/]"
+    done = [r for r in summary["rounds"] if r["outcome"] == "completed"]
+    if len(done) == len(summary["rounds"]) == summary["config"]["rounds"]:
+        claim = f"every aggregate equals the plaintext sum of its survivors' inputs: {verdict}"
+    else:   # an aborted round released nothing: never claim "every aggregate" for it
+        missing = summary["config"]["rounds"] - len(done)
+        claim = (f"[red]{missing} of {summary['config']['rounds']} round(s) did not complete[/] (nothing released); "
+                 + (f"the {len(done)} completed round(s) match the plaintext sums of their survivors' inputs: {verdict}"
+                    if done else "no aggregate to verify"))
     console.print(f"{acc}wall {summary['wall_seconds']:.1f} s; server peak RSS {summary['server_peak_rss_mb']:.0f} MiB; "  # type: ignore[attr-defined]
-                  f"every aggregate equals the plaintext sum of its survivors' inputs: "
-                  f"{'[green]yes[/]' if summary['correct'] else '[red]NO[/]'}")
+                  + claim)

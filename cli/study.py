@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .main import UsageError
+from .main import UsageError, require_sim_extra
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--group-sizes", metavar="LIST", help="clients per group g; a run has clients // g groups (e.g. 1,2,5,10)")
     g.add_argument("--rules", metavar="LIST",
                    help="robust rules over group means (mean,median,trimmed_mean,krum,geometric_median,...)")
-    g.add_argument("--attacks", metavar="LIST", help="attacks of the Byzantine clients (none,sign_flip,alie,scaling,...)")
+    g.add_argument("--attacks", metavar="LIST", help="attacks of the Byzantine clients (none,sign_flip,alie,scaling,...; "
+                   "sign-flip works too)")
     g.add_argument("--byzantine", metavar="LIST", help="fractions of Byzantine clients (e.g. 0.0,0.2)")
     g.add_argument("--dropout", metavar="LIST", help="fractions of clients that vanish each round (e.g. 0.0,0.1)")
     g.add_argument("--bypass-bounds", nargs="?", const="true", metavar="LIST",
@@ -157,6 +158,7 @@ def _check_grpc(specs: list) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_sim_extra("study")
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
@@ -173,6 +175,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot create --out {args.out}: {exc.strerror or exc}") from None
 
     console = Console()
+    from .log import setup_logging
+
+    setup_logging("warning", console=console)  # log lines print above the progress bar, not through it
     backend = "gRPC simulator" if args.grpc else f"in memory, {jobs} process(es)"
     console.print(f"[bold]secagg study[/]: {len(specs)} runs ({len(grid.group_sizes)} group sizes x {len(grid.rules)} rules x "
                   f"{len(grid.attacks)} attacks x {len(grid.byzantine)} Byzantine fractions x {len(grid.dropout)} dropout x "

@@ -7,7 +7,11 @@ into every round record, so a record says exactly how its round was run.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +65,7 @@ class ServerConfig:
     rule_params: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> ServerConfig:
+        check_schema(self)   # types and ranges of every field, derived from the annotations above
         if not self.tls_cert or not self.tls_key:
             raise ConfigError("TLS is required: pass --tls-cert and --tls-key (make a dev pair with `secagg certs --out DIR`)")
         host, sep, port = self.address.rpartition(":")
@@ -99,7 +104,19 @@ class ServerConfig:
             _ = self.encoding   # EncodingParams validates B, c and precision
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        self._check_tls_files()
         return self
+
+    def _check_tls_files(self) -> None:
+        """A certificate and key that do not match fail here, by name, not as gRPC's "Failed to bind"."""
+        from .tls import PKIError, check_key_pair
+
+        if not (Path(self.tls_cert).is_file() and Path(self.tls_key).is_file()):
+            return   # start() names the file it cannot read
+        try:
+            check_key_pair(self.tls_cert, self.tls_key)
+        except PKIError as exc:
+            raise ConfigError(str(exc)) from None
 
     def _check_threshold(self) -> None:
         """Refuse thresholds honest clients would refuse, instead of running rounds that all abort."""
@@ -150,8 +167,130 @@ def load(path: str | Path | None, overrides: dict[str, Any]) -> ServerConfig:
             raise ConfigError(f"{path}: {exc}") from None
         values.update(data.get("server", data))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    names = {f.name for f in dataclasses.fields(ServerConfig)}
-    unknown = sorted(set(values) - names)
+    names = [f.name for f in dataclasses.fields(ServerConfig)]
+    unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        raise ConfigError("; ".join(_unknown(key, names, path) for key in unknown))
+    for key, value in values.items():   # before the dataclass sees them: no TypeError tracebacks
+        check_value(key, value)
     return ServerConfig(**values).validate()
+
+
+def _unknown(key: str, names: list[str], path: str | Path | None) -> str:
+    where = f" in {path}" if path else ""
+    close = difflib.get_close_matches(key.replace("-", "_").lower(), names, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else f"; known settings: {', '.join(names)}"
+    return f"unknown setting {key!r}{where}{hint}"
+
+
+# -- the schema ----------------------------------------------------------------------------------
+# Types come from ServerConfig's annotations, so a field added there is type-checked without
+# touching this table; _ALLOWED adds the range or the choices of the fields that have one.
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """What values a setting takes beyond its type: a closed or open range, or a set of choices."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False          # lo itself is not allowed (> lo)
+    choices: tuple[str, ...] = ()
+    text: str = ""                 # how to say the range, when the default wording does not fit
+
+    def describe(self) -> str:
+        if self.text:
+            return self.text
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.lo is not None and self.hi is not None:
+            return f"in {_num(self.lo)}..{_num(self.hi)}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+        return f"<= {_num(self.hi)}"
+
+    def admits(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or value <= self.hi
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+_ALLOWED: dict[str, Allowed] = {
+    "dim": Allowed(lo=1),
+    "server_lr": Allowed(),
+    "rounds": Allowed(lo=0, text=">= 0 (0: run forever)"),
+    "linger_seconds": Allowed(lo=0),
+    "min_clients": Allowed(lo=3, text="at least 3"),
+    "max_clients": Allowed(lo=3, text="at least 3 (and >= min_clients)"),
+    "lobby_seconds": Allowed(lo=0),
+    "groups": Allowed(lo=1, text="at least 1"),
+    "mode": Allowed(choices=("active", "semi-honest")),
+    "neighbors": Allowed(lo=0, text="0 (complete graph) or an even number >= 2"),
+    "threshold": Allowed(lo=0, text=">= 0 (0: the safe minimum; < 1 a fraction; >= 1 absolute)"),
+    "phase_seconds": Allowed(lo=0, lo_open=True),
+    "chunk_words": Allowed(lo=1, hi=1 << 19),
+    "max_inflight": Allowed(lo=1),
+    "stall_seconds": Allowed(lo=0, text=">= 0 (0: phase_seconds / 4)"),
+    "clip_norm": Allowed(lo=0, lo_open=True),
+    "clip_value": Allowed(lo=0, text=">= 0 (0: no per-coordinate bound)"),
+    "precision_bits": Allowed(lo=1, hi=52),
+    "byzantine_groups": Allowed(lo=0),
+}
+
+_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table"}
+_TYPE_NAME = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list", dict: "a table"}
+
+
+def _field_types() -> dict[str, tuple[tuple[type, ...], bool]]:
+    """name -> (accepted base types, None allowed), from ServerConfig's annotations."""
+    out: dict[str, tuple[tuple[type, ...], bool]] = {}
+    for name, tp in typing.get_type_hints(ServerConfig).items():
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        optional = type(None) in args
+        bases = tuple(typing.get_origin(a) or a for a in args if a is not type(None))
+        out[name] = (tuple(b for b in bases if isinstance(b, type)), optional)
+    return out
+
+
+def _type_ok(value: Any, bases: tuple[type, ...]) -> bool:
+    for base in bases:
+        if base is bool and isinstance(value, bool):
+            return True
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if base not in (bool, int, float) and isinstance(value, base):
+            return True
+    return False
+
+
+def check_value(key: str, value: Any) -> None:
+    """Raise ConfigError naming the key, the value and what is allowed, if ``value`` does not fit."""
+    bases, optional = _field_types().get(key, ((), True))
+    if not bases or any(b not in _KIND for b in bases):
+        return   # a type this schema does not know: the field's own checks apply
+    allowed = _ALLOWED.get(key, Allowed())
+    if value is None and optional:
+        return
+    if not _type_ok(value, bases):
+        kind = " or ".join(_KIND.get(b, b.__name__) for b in bases) + (" (or unset)" if optional else "")
+        extra = f" ({allowed.describe()})" if (allowed.lo is not None or allowed.hi is not None or allowed.choices) else ""
+        got = _TYPE_NAME.get(type(value), type(value).__name__)
+        raise ConfigError(f"{key} must be {kind}{extra}, got {value!r} ({got})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    if (allowed.lo is not None or allowed.hi is not None or allowed.choices) and not allowed.admits(value):
+        raise ConfigError(f"{key} must be {allowed.describe()}, got {value!r}")
+
+
+def check_schema(cfg: ServerConfig) -> None:
+    """Every field of ``cfg`` against its annotated type and its range (ConfigError on the first)."""
+    for f in dataclasses.fields(cfg):
+        check_value(f.name, getattr(cfg, f.name))

@@ -38,6 +38,7 @@ __all__ = [
     "CertPair",
     "DevPKI",
     "PKIError",
+    "check_key_pair",
     "check_name",
     "identity_public_key",
     "load_identity_key",
@@ -230,6 +231,36 @@ def save_identity_public_key(path: str | os.PathLike[str], private_raw: bytes) -
     )
     _write_file(Path(path), pem, 0o644)
     return public
+
+
+def check_key_pair(cert_path: str | os.PathLike[str], key_path: str | os.PathLike[str], *,
+                   cert_label: str = "tls_cert", key_label: str = "tls_key") -> None:
+    """Refuse a certificate and private key that cannot serve together, naming the setting:
+    unreadable, not PEM, or a key whose public half is not the certificate's (what gRPC would
+    otherwise report only as "Failed to bind")."""
+    def read(path: str | os.PathLike[str], label: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise PKIError(f"cannot read {label} {path}: {exc.strerror or exc}") from None
+
+    cert_pem, key_pem = read(cert_path, cert_label), read(key_path, key_label)
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        hint = " (it holds a private key: swap the two?)" if b"PRIVATE KEY-----" in cert_pem else ""
+        raise PKIError(f"{cert_label} {cert_path} is not a PEM certificate{hint}") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise PKIError(f"{key_label} {key_path} is encrypted: give the server an unencrypted PEM private key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        hint = " (it holds a certificate: swap the two?)" if b"CERTIFICATE-----" in key_pem else ""
+        raise PKIError(f"{key_label} {key_path} is not a PEM private key{hint}") from None
+    spki = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise PKIError(f"{key_label} {key_path} does not belong to {cert_label} {cert_path} (their public keys "
+                       "differ): pass the private key made with that certificate")
 
 
 def check_name(name: str) -> str:

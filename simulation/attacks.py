@@ -26,6 +26,7 @@ __all__ = [
     "craft_update",
     "is_data_poisoning",
     "needs_benign",
+    "normalize_attack_name",
 ]
 
 ATTACKS = ("none", "scaling", "sign_flip", "gaussian", "alie", "ipm", "backdoor", "label_flip", "sybil")
@@ -34,7 +35,14 @@ NEEDS_BENIGN = frozenset({"alie", "ipm", "sybil"})      # omniscient: read the h
 MIN_BENIGN = 2  # a coordinate-wise std (ALIE) needs two samples; same floor for all omniscient attacks
 
 
+def normalize_attack_name(name: str) -> str:
+    """``sign-flip``, ``Sign_Flip`` and ``sign_flip`` name the same attack: the canonical form
+    uses underscores and lower case (as in ATTACKS)."""
+    return name.strip().lower().replace("-", "_") if isinstance(name, str) else name
+
+
 def _check_name(name: str) -> str:
+    name = normalize_attack_name(name)
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}")
     return name
@@ -54,7 +62,7 @@ class AttackConfig:
     boost: float = 1.0           # multiplies the update of data-poisoning attacks
 
     def __post_init__(self) -> None:
-        _check_name(self.name)
+        object.__setattr__(self, "name", _check_name(self.name))  # frozen: store the canonical spelling
         for field in ("scale", "noise_std", "ipm_epsilon", "backdoor_fraction", "boost"):
             if not math.isfinite(getattr(self, field)):
                 raise ValueError(f"AttackConfig.{field} must be finite, got {getattr(self, field)}")

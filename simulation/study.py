@@ -26,7 +26,7 @@ from typing import Any
 
 from secagg.protocol.robust import RULES
 
-from .attacks import ATTACKS, AttackConfig
+from .attacks import ATTACKS, AttackConfig, normalize_attack_name
 from .fl import TAIL_ROUNDS, FLConfig, run_in_memory
 
 __all__ = [
@@ -127,6 +127,7 @@ def parse_attack(token: str) -> AttackConfig:
     if not isinstance(token, str) or not token.strip():
         raise ValueError(f"attack must be a non-empty string, got {token!r}")
     name, *params = token.strip().split(":")
+    name = normalize_attack_name(name)
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r} in {token!r}; choose from {', '.join(ATTACKS)}")
     kw: dict[str, Any] = {}
@@ -147,6 +148,14 @@ def parse_attack(token: str) -> AttackConfig:
     return AttackConfig(name=name, **kw)
 
 
+def _canonical_attack(token: Any) -> Any:
+    """``sign-flip:scale=2`` -> ``sign_flip:scale=2``: one spelling in the tables whichever was typed."""
+    if not isinstance(token, str):
+        return token
+    name, sep, rest = token.strip().partition(":")
+    return normalize_attack_name(name) + sep + rest
+
+
 def grid_from_mapping(values: Mapping[str, Any], base: StudyGrid = DEFAULT, *, source: str = "grid") -> StudyGrid:
     """Overlay ``values`` (a parsed TOML file, or flags) on ``base``; unknown keys are an error."""
     allowed = LIST_KEYS + SCALAR_KEYS + TABLE_KEYS
@@ -158,7 +167,7 @@ def grid_from_mapping(values: Mapping[str, Any], base: StudyGrid = DEFAULT, *, s
         if key in LIST_KEYS:
             if not isinstance(v, (list, tuple)):
                 raise ValueError(f"{source}: {key} must be a list, got {v!r}")
-            kw[key] = tuple(v)
+            kw[key] = tuple(_canonical_attack(t) for t in v) if key == "attacks" else tuple(v)
         elif key == "non_iid":  # TOML has no null: 0, false or "iid" mean IID
             kw[key] = None if v in (0, False, "iid", "none", None) else v
         elif key == "rule_params":
