@@ -13,17 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .main import UsageError
-
-try:   # the documented exit codes (connection 3, rejected 4)
-    from .main import EXIT_CONNECTION, EXIT_REJECTED, CommandError
-except ImportError:   # a main.py without them: every failure is a usage error (2)
-    EXIT_CONNECTION = EXIT_REJECTED = 2
-
-    class CommandError(UsageError):  # type: ignore[no-redef]
-        def __init__(self, message: str, code: int) -> None:
-            super().__init__(message)
-            self.code = code
+from .main import EXIT_CONNECTION, EXIT_REJECTED, CommandError, UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -19,8 +19,7 @@ from grpc_harness import async_test, running_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from secagg.cli.main import main
-from secagg.cli.ops import EXIT_CONNECTION, EXIT_REJECTED
+from secagg.cli.main import EXIT_CONNECTION, EXIT_REJECTED, main
 from secagg.server.config import ConfigError, ServerConfig
 from secagg.server.service import start
 from secagg.wire.identity import new_identity_key, save_identity_key
