@@ -1,5 +1,6 @@
 """Logging for the commands: rich's handler (log lines print above progress bars instead of
-breaking them) when rich is installed, plain lines otherwise, or one JSON object per line.
+breaking them) on a terminal when rich is installed, plain lines otherwise (pipes, log files,
+the base install), or one JSON object per line.
 
 ``secagg serve --log-level info --log-format json`` gives lines such as
 ``{"time": "2026-12-02T16:01:02.345+00:00", "level": "INFO", "logger": "secagg.server.rounds",
@@ -50,6 +51,9 @@ def setup_logging(level: str = "info", fmt: str = "text", *, console: Any = None
     if fmt == "json":
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
+    elif console is None and not sys.stderr.isatty():   # a pipe or a log file: whole lines, no wrapping
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     else:
         try:
             from rich.console import Console

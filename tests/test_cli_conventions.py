@@ -254,3 +254,47 @@ def test_rich_log_handler_shares_the_progress_console() -> None:
             root.removeHandler(h)
         root.setLevel(level)
         console.file.close()
+
+
+def test_plain_log_lines_when_stderr_is_not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.logging import RichHandler
+
+    from secagg.cli.log import setup_logging
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    root = logging.getLogger()
+    level = root.level
+    try:
+        handler = setup_logging("info")
+        assert not isinstance(handler, RichHandler)   # a log file gets whole lines, not 80-column wrapping
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+# -- docs/operating.md's walk-through is runnable as written -------------------------------------------
+
+def test_operating_walkthrough_commands_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import shlex
+
+    from secagg.server.config import load
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "operating.md").read_text()
+    head = doc[doc.index("## 1."):doc.index("## 4.")]
+    commands = [line[2:] for line in head.replace("\\\n", " ").splitlines() if line.startswith("$ secagg ")]
+    certs = next(c for c in commands if c.startswith("secagg certs"))
+    register = next(c for c in commands if "--public-key-file" in c)
+    serve = next(c for c in commands if c.startswith("secagg serve"))
+    monkeypatch.chdir(tmp_path)
+    assert main(shlex.split(certs)[1:]) == 0
+    assert main(shlex.split(register)[1:]) == 0   # the .pub file the doc names exists
+    names = shlex.split(certs)[shlex.split(certs).index("--client"):][1::2]
+    for name in names[:-1]:                       # the doc's loop over the identity key files
+        assert main(["register", "--db", "secagg.db", "--client-id", name, "--key", f"pki/{name}.identity"]) == 0
+    capsys.readouterr()
+    args = build_parser().parse_args(shlex.split(serve)[1:])
+    assert args.min_clients == len(names) == 5    # as many registered clients as a round needs
+    from secagg.cli.serve import _FLAGS
+
+    cfg = load(args.config, {k: getattr(args, k) for k in (*_FLAGS, "public_reads")})   # validates, cert/key pair included
+    assert (cfg.dim, cfg.min_clients, cfg.rounds) == (10, 5, 1)
