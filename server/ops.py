@@ -243,8 +243,8 @@ class Metrics:
         self._thread: threading.Thread | None = None
         self.port: int | None = None
 
-    def observe_event(self, kind: str, status: str) -> None:
-        self.events.labels(kind, status).inc()
+    def observe_event(self, kind: str, status: str, count: int = 1) -> None:
+        self.events.labels(kind, status).inc(count)
 
     def observe_round(self, record: RoundRecord) -> None:
         self.rounds.labels(record.outcome).inc()

@@ -86,7 +86,7 @@ class RejectionLimiter:
             summary = (f"{n} more {status} rejection(s) before authentication within {self.window:g} s, "
                        f"beyond {self.burst} recorded one by one; the last: {last}")
             log.info("%s", summary)
-            self.record(None, None, "suppressed", status, summary)
+            self.record(None, None, "suppressed", status, summary, count=n)
 
 
 class AlreadyConnected(Exception):
@@ -181,9 +181,10 @@ class Coordinator:
             self._event(group.round_id, session.client_id, "dropped", "CANCELLED", f"{detail} during {group.machine.phase.label}")
             group.changed.set()
 
-    def _event(self, round_id: str | None, client_id: str | None, kind: str, status: str, reason: str) -> None:
+    def _event(self, round_id: str | None, client_id: str | None, kind: str, status: str, reason: str, *, count: int = 1) -> None:
+        """Record one event row; ``count``: how many events it stands for (a summary of suppressed ones)."""
         if self.metrics is not None:
-            self.metrics.observe_event(kind, status)
+            self.metrics.observe_event(kind, status, count)
         try:
             self.store.record_event(round_id, client_id, kind, status, reason)
         except Exception:  # the record of a rejection must never take the server down

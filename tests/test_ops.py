@@ -294,3 +294,19 @@ def test_the_python_api_example_in_operating_md_runs_as_written(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert re.search(r"^round-\S+: completed, model v2$", res.stdout, re.M), res.stdout
     assert re.search(r"^metrics: secagg_rounds_total\{outcome=\"completed\"\} 1\.0$", res.stdout, re.M), res.stdout
+
+
+@async_test
+async def test_metrics_count_every_rejection_before_authentication_even_when_rows_are_suppressed(tmp_path):
+    async with running_server(tmp_path, 3, registered=["intruder"], metrics_port=0) as h:
+        h.srv.coordinator.preauth.burst = 3          # record 3 rows one by one, summarise the rest
+        for _ in range(7):
+            bad = await h.raw("intruder", key=new_identity_key())
+            assert (await bad.status())[0] is grpc.StatusCode.UNAUTHENTICATED
+            await bad.close()
+        h.srv.coordinator.preauth.flush()            # what the end of the window does
+        samples = await asyncio.to_thread(_scrape, h.srv.metrics_port)
+        rows = [e for e in h.store.events() if e.kind in ("rejected", "suppressed")]
+    assert samples['secagg_rejections_total{kind="rejected",status="UNAUTHENTICATED"}'] == 3
+    assert samples['secagg_rejections_total{kind="suppressed",status="UNAUTHENTICATED"}'] == 4
+    assert [e.kind for e in rows] == ["rejected"] * 3 + ["suppressed"]   # the table stays small
