@@ -141,6 +141,12 @@ class SecAggServicer(pb_grpc.SecAggServicer):
             while not session.closed:
                 data = await context.read()
                 if data is grpc.aio.EOF:
+                    if not context.peer() and not _deadline_expired(context):
+                        # gRPC ended the call itself (the peer is gone from the call, the client did not cancel):
+                        # what a message over its transport limit does; it answered RESOURCE_EXHAUSTED
+                        self.coordinator.reject(session, DropReason.OVERSIZED,
+                                                f"gRPC refused a message over its {MAX_MESSAGE_BYTES} byte transport limit "
+                                                f"(the round limit is {MAX_CLIENT_MESSAGE_BYTES}); send smaller chunks")
                     break
                 msg, problem = _parse(pb.ClientMessage, data, MAX_CLIENT_MESSAGE_BYTES, "a round message")
                 if problem is not None:
@@ -186,6 +192,11 @@ class SecAggServicer(pb_grpc.SecAggServicer):
 
 
 MAX_MODEL_VERSION = (1 << 63) - 1
+
+
+def _deadline_expired(context: grpc.aio.ServicerContext) -> bool:
+    left = context.time_remaining()
+    return left is not None and left <= 0
 
 
 def _parse(cls: type, data: Any, limit: int, what: str) -> tuple[Any, tuple[grpc.StatusCode, str] | None]:

@@ -110,8 +110,8 @@ async def test_oversized_hello_is_resource_exhausted_and_never_reaches_the_lobby
 @async_test
 async def test_trickler_holding_the_only_slot_is_dropped_by_the_minimum_rate(tmp_path):
     """max_inflight=1: one word every 0.6 x the stall limit dodges the stall timer, but not the
-    whole-vector deadline (stall limit + 808 bytes / 1000 bytes/s); the queued honest members complete."""
-    async with running_server(tmp_path, N, chunk_words=1, phase_seconds=4.0, max_inflight=1, min_upload_rate=1000.0) as h:
+    whole-vector deadline (stall limit + 808 bytes / 2000 bytes/s, between two words); the queued honest members complete."""
+    async with running_server(tmp_path, N, chunk_words=1, phase_seconds=4.0, max_inflight=1, min_upload_rate=2000.0) as h:
         old = h.store.model().params
         bad, honest_ids = "c3", ["c0", "c1", "c2"]
         trickler = await h.raw(bad)
@@ -132,7 +132,7 @@ async def test_trickler_holding_the_only_slot_is_dropped_by_the_minimum_rate(tmp
         t = asyncio.create_task(trickle())
         code, details = await trickler.status()
         t.cancel()
-        assert code == Code.DEADLINE_EXCEEDED and "minimum upload rate is 1000 bytes/s" in details, (code, details)
+        assert code == Code.DEADLINE_EXCEEDED and "minimum upload rate is 2000 bytes/s" in details, (code, details)
         results = await asyncio.gather(*tasks, return_exceptions=True)
         await h.rounds_finished()
         rec = h.record()
@@ -223,3 +223,28 @@ async def test_wrong_length_update_is_refused_before_the_hello_and_the_others_co
         rec = await honest_round(h)
         assert sorted(rec.cohort) == ALL and not rec.dropouts
     assert "of 4 clients waiting" in caplog.text and "advertise_keys closed" in caplog.text
+
+
+@async_test
+async def test_message_over_the_grpc_limit_in_a_round_is_recorded_as_resource_exhausted(tmp_path, caplog):
+    """gRPC itself refuses a 13 MiB message (over its 12 MiB limit): recorded as RESOURCE_EXHAUSTED,
+    not as a client disconnect, and the round completes for the others."""
+    caplog.set_level(logging.INFO)
+    async with running_server(tmp_path, N) as h:
+        old = h.store.model().params
+        raw = await h.raw("c3")
+        await h.wait_in_lobby("c3")
+        outs = asyncio.create_task(h.participate(["c0", "c1", "c2"]))
+        await raw.join()
+        await raw.send(pb.ClientMessage(masked_input=pb.MaskedInputChunk(offset=0, words=bytes(13 << 20), last=True)))
+        code, details = await raw.status()
+        assert code == Code.RESOURCE_EXHAUSTED, (code, details)
+        assert all(o.ok for o in (await outs).values())
+        await h.rounds_finished()
+        rec = h.record()
+        evs = h.events("c3")
+        assert [(e.kind, e.status) for e in evs] == [("rejected", "RESOURCE_EXHAUSTED")], evs
+        assert "12582912 byte transport limit" in evs[0].reason and evs[0].round_id == rec.round_id
+        assert [(d["client"], d["reason"]) for d in rec.dropouts] == [("c3", "oversized")], rec.dropouts
+        check_round(h, rec, inputs_of(["c0", "c1", "c2"]), old, h.store.model().params)
+    no_tracebacks(caplog)
