@@ -7,7 +7,8 @@
 from secagg.protocol.policy import ClientPolicy
 
 from .api import AsyncClient, Client, RoundInfo, RoundOutcome
+from .arrays import Layout, flatten, unflatten
 from .errors import ClientError, ConnectionFailed, CredentialsError, PolicyRefused, Rejected, RoundAborted, RoundFailed
 
-__all__ = ["AsyncClient", "Client", "ClientError", "ClientPolicy", "ConnectionFailed", "CredentialsError", "PolicyRefused", "Rejected", "RoundAborted",
-           "RoundFailed", "RoundInfo", "RoundOutcome"]
+__all__ = ["AsyncClient", "Client", "ClientError", "ClientPolicy", "ConnectionFailed", "CredentialsError", "Layout", "PolicyRefused", "Rejected", "RoundAborted",
+           "RoundFailed", "RoundInfo", "RoundOutcome", "flatten", "unflatten"]

@@ -11,13 +11,17 @@ retried with exponential backoff; a round in progress is never retried (its keys
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import inspect
 import logging
 import math
 import os
+import queue
 import secrets
+import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,7 @@ from secagg.v1 import secagg_pb2_grpc as pb_grpc
 from secagg.wire import convert
 from secagg.wire.identity import CLIENT_ID, PKIError, certificate_binding, hello_message, identity_public_key, load_identity_key, read_message
 
+from .arrays import Layout, flatten
 from .errors import ClientError, ConnectionFailed, CredentialsError, PolicyRefused, Rejected, RoundAborted, RoundFailed
 from .tls import fetch_server_certificate, pem
 
@@ -56,7 +61,10 @@ class RoundInfo:
     params: EncodingParams
 
 
-UpdateSource = np.ndarray | Callable[[RoundInfo], "np.ndarray | Awaitable[np.ndarray]"]
+# an update: a vector, arrays of any shapes (a list/tuple, e.g. Flower's NDArrays), anything with __array__
+Update = object
+UpdateSource = Update | Callable[[RoundInfo], "Update | Awaitable[Update]"]
+TrainFn = Callable[[object, RoundInfo], "Update | Awaitable[Update]"]
 Encoder = Callable[[np.ndarray, EncodingParams, int, bytes], np.ndarray]
 
 
@@ -71,10 +79,23 @@ class RoundOutcome:
     model: np.ndarray | None = field(default=None, repr=False)
     bytes_sent: int = 0
     bytes_received: int = 0
+    layout: Layout | None = field(default=None, repr=False)   # the shapes of the update we submitted
 
     @property
     def ok(self) -> bool:
         return self.outcome == "completed"
+
+    def model_as(self, shapes: object = None) -> np.ndarray | list[np.ndarray] | tuple[np.ndarray, ...]:
+        """The new model (``fetch_model=True``) cut into ``shapes``: a ``Layout``, a list of shapes,
+        or example arrays; by default the shapes of the update we submitted."""
+        if self.model is None:
+            raise ClientError(f"round {self.round_id} has no model to shape: it {self.outcome}, or fetch_model was not set")
+        layout = Layout.of(shapes) if shapes is not None else self.layout
+        return self.model if layout is None else layout.unflatten(self.model)
+
+
+class _NoRoundYet(ClientError):
+    """The lobby wait ended without a round (``run`` keeps waiting)."""
 
 
 def _read_bytes(value: bytes | str | os.PathLike[str] | None, what: str) -> bytes | None:
@@ -206,8 +227,13 @@ class AsyncClient:
         sig = sign(self._identity, read_message(method, binding, s.client_id, ts, argument))
         return pb.ReadAuth(client_id=s.client_id, timestamp_ms=ts, server_binding=binding, signature=sig)
 
-    async def get_model(self, version: int = 0) -> tuple[int, np.ndarray]:
-        """Download a model version (0: the latest); signed, size-bounded, SHA-256 and version checked."""
+    async def get_model(self, version: int = 0, *, shapes: object = None) -> tuple[int, object]:
+        """Download a model version (0: the latest); signed, size-bounded, SHA-256 and version checked.
+        With ``shapes`` (a ``Layout``, a list of shapes, or example arrays) the model comes back in them."""
+        ver, values = await self._download(version)
+        return ver, values if shapes is None else Layout.of(shapes).unflatten(values)
+
+    async def _download(self, version: int) -> tuple[int, np.ndarray]:
         stub = pb_grpc.SecAggStub(await self._connect())
         request = pb.GetModelRequest(version=version, auth=await self._read_auth("GetModel", version))
         parts, ver, dim, digest, got = [], 0, 0, "", 0
@@ -260,6 +286,7 @@ class AsyncClient:
         encoding: for attack simulations only, since the server must never trust a client's
         library anyway.
         """
+        self._layout: Layout | None = None
         if isinstance(update, np.ndarray) or not callable(update):
             update = self._check_update(update)
         stub = pb_grpc.SecAggStub(await self._connect())
@@ -271,6 +298,60 @@ class AsyncClient:
             raise Rejected(exc.code().name, exc.details() or "") from None
         finally:
             call.cancel()
+            # let the cancelled call finish on this loop: a gRPC completion arriving after the loop
+            # has closed is what printed "Event loop is closed" tracebacks from another loop
+            try:
+                await asyncio.wait_for(asyncio.shield(call.code()), 2.0)
+            except (Exception, asyncio.CancelledError):  # noqa: BLE001 - best effort; the call is cancelled either way
+                pass
+
+    async def run(self, train_fn: TrainFn, rounds: int | None = None, *, shapes: object = None,
+                  on_round: Callable[[RoundOutcome], None] | None = None, **options: object) -> list[RoundOutcome]:
+        """Take part in round after round: for each, download the announced model (in ``shapes``,
+        when given), call ``train_fn(model, info)`` for the update and submit it.  Returns the
+        outcomes after ``rounds`` rounds (``None``: until cancelled).  A round that fails or is
+        aborted is logged and the next one joined; waiting longer than ``wait_seconds`` for a
+        round just keeps waiting.  ``options`` go to ``participate`` (``on_phase``, ``fetch_model``...)."""
+        layout = None if shapes is None else Layout.of(shapes)
+        if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):
+            raise ClientError(f"rounds must be a positive integer or None, got {rounds!r}")
+
+        async def update(info: RoundInfo) -> object:
+            _, model = await self.get_model(info.model_version)
+            if layout is not None:
+                if layout.size != model.size:
+                    raise ClientError(f"the model has {model.size} values, the shapes given to run() hold {layout.size}")
+                model = layout.unflatten(model)
+            produced = train_fn(model, info)
+            return await produced if inspect.isawaitable(produced) else produced
+
+        outcomes: list[RoundOutcome] = []
+        while rounds is None or len(outcomes) < rounds:
+            try:
+                out = await self.participate(update, **options)  # type: ignore[arg-type]
+            except _NoRoundYet:
+                log.info("%s: no round yet; still waiting", self.settings.client_id)
+                continue
+            except PolicyRefused:
+                raise   # the server's settings; every round would be refused the same way
+            except (RoundAborted, RoundFailed) as exc:
+                log.warning("%s: round abandoned (%s); joining the next one", self.settings.client_id, exc)
+                out = RoundOutcome("", "aborted", str(exc), 0, False, "")
+            except Rejected as exc:
+                if exc.code not in ("DEADLINE_EXCEEDED", "ABORTED", "UNAVAILABLE"):
+                    raise
+                log.warning("%s: round ended for us (%s); joining the next one", self.settings.client_id, exc)
+                out = RoundOutcome("", "aborted", str(exc), 0, False, "")
+            else:
+                if out.ok:
+                    log.info("%s: round %s completed; model v%d", self.settings.client_id, out.round_id, out.model_version)
+                else:
+                    log.warning("%s: round %s %s (%s); joining the next one", self.settings.client_id, out.round_id, out.outcome,
+                                out.reason)
+            outcomes.append(out)
+            if on_round is not None:
+                on_round(out)
+        return outcomes
 
     def _trust_anchors(self, member_ids: Collection[str]) -> tuple[frozenset[bytes] | None, dict[int, bytes] | None]:
         """The app's trusted keys (our own included), or seat -> key pins from a client id -> key map."""
@@ -282,9 +363,10 @@ class AsyncClient:
             return None, {i + 1: keys[mid] for i, mid in enumerate(member_ids) if mid in keys}
         return frozenset(trusted) | {own}, None
 
-    @staticmethod
-    def _check_update(update: object) -> np.ndarray:
-        x = np.asarray(update, dtype=np.float64).ravel()
+    def _check_update(self, update: object) -> np.ndarray:
+        """The update as one float64 vector (any shapes, a list of arrays, anything with __array__);
+        its layout is kept so the outcome can give the model back in the same shapes."""
+        x, self._layout = flatten(update)
         if not np.all(np.isfinite(x)):
             raise ClientError("update contains NaN or infinity; fix the training step before submitting")
         return x
@@ -294,10 +376,21 @@ class AsyncClient:
         await call.write(msg)
 
     async def _read(self, call: grpc.aio.StreamStreamCall, timeout: float, waiting_for: str) -> pb.ServerMessage:
+        # not wait_for(call.read()): a read abandoned by a timeout stays pending in gRPC's core, and
+        # its completion, arriving after this loop has closed, was an "Event loop is closed" traceback
+        read = asyncio.ensure_future(call.read())
         try:
-            msg = await asyncio.wait_for(call.read(), timeout)
-        except TimeoutError:
-            raise ClientError(f"no {waiting_for} from the server within {timeout:g} s") from None
+            done, _ = await asyncio.wait({read}, timeout=timeout)
+        finally:
+            if not read.done():
+                call.cancel()   # fails the pending read at once; wait for it here, on this loop
+                await asyncio.wait({read}, timeout=2.0)
+                if read.done() and not read.cancelled():
+                    read.exception()   # retrieved: a cancelled read's error is expected
+        if not done:
+            error = _NoRoundYet if waiting_for == "round configuration" else ClientError
+            raise error(f"no {waiting_for} from the server within {timeout:g} s")
+        msg = read.result()
         if msg is grpc.aio.EOF:
             code = await call.code()
             raise Rejected(code.name, (await call.details()) or "stream ended") from None
@@ -397,36 +490,157 @@ class AsyncClient:
             raise RoundAborted(str(exc)) from None
         model = None
         if fetch_model and r.outcome == "completed":
-            _, model = await self.get_model(r.model_version)
+            _, model = await self._download(r.model_version)
         return RoundOutcome(r.round_id, r.outcome, r.reason, r.model_version, r.group_accepted, r.aggregate_digest, model,
-                            self._sent, self._received)
+                            self._sent, self._received, self._layout)
+
+
+class _LoopThread:
+    """One event loop in a daemon thread, alive as long as its Client: gRPC completions that
+    arrive late still find their loop open (a closed loop printed "Event loop is closed")."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def stop(self, client: AsyncClient) -> None:
+        """Close the client's channel, let its last completions arrive, then stop and close the loop."""
+        if self.loop.is_closed():
+            return
+
+        async def finish() -> None:
+            try:
+                await client.close()
+            finally:
+                await asyncio.sleep(0.05)
+
+        if threading.current_thread() is self.thread:   # collected on our own loop: cannot wait here
+            self.loop.create_task(finish()).add_done_callback(lambda _: self.loop.stop())
+            return
+        if self.loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(finish(), self.loop).result(5.0)
+            except Exception:  # noqa: BLE001, S110 - closing a broken channel is best effort
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5.0)
+        if not self.loop.is_running():
+            self.loop.close()
 
 
 class Client:
-    """Synchronous form: each call runs its own event loop (do not use inside a running loop)."""
+    """Synchronous form, usable from any thread (and from a notebook, where a loop is running).
+
+    Each Client keeps one connection and one event loop in a background thread until
+    ``close()`` (or ``with Client(...) as c:``, or garbage collection); update callables and
+    ``run``'s ``train_fn`` run in the calling thread.
+    """
 
     def __init__(self, address: str, **kwargs: object) -> None:
         self._address, self._kwargs = address, kwargs
-        AsyncClient(address, **kwargs)  # validate arguments now, not at the first call  # type: ignore[arg-type]
+        self._client = AsyncClient(address, **kwargs)  # validates the arguments now  # type: ignore[arg-type]
+        self._loop: _LoopThread | None = None
+        self._lock = threading.Lock()
+        self._finalizer: weakref.finalize | None = None
 
     def __repr__(self) -> str:
         return f"Client({self._address!r}, client_id={self._kwargs.get('client_id')!r})"
 
-    def _run(self, method: str, *args: object, **kwargs: object) -> object:
-        async def go() -> object:
-            async with AsyncClient(self._address, **self._kwargs) as c:  # type: ignore[arg-type]
-                return await getattr(c, method)(*args, **kwargs)
+    def __enter__(self) -> Client:
+        return self
 
-        return asyncio.run(go())
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-    def participate(self, update: np.ndarray, **kwargs: object) -> RoundOutcome:
-        return self._run("participate", update, **kwargs)  # type: ignore[return-value]
+    def close(self) -> None:
+        """Close the connection and stop the background loop (a later call starts them again)."""
+        with self._lock:
+            if self._finalizer is not None:
+                self._finalizer()
+            self._loop = self._finalizer = None
 
-    def get_model(self, version: int = 0) -> tuple[int, np.ndarray]:
-        return self._run("get_model", version)  # type: ignore[return-value]
+    def _thread(self) -> _LoopThread:
+        with self._lock:
+            if self._loop is None:
+                self._loop = _LoopThread(f"secagg-client-{self._kwargs.get('client_id')}")
+                self._finalizer = weakref.finalize(self, self._loop.stop, self._client)
+            return self._loop
+
+    def _call(self, make: Callable[[Callable[..., Awaitable[object]]], Awaitable[object]]) -> object:
+        """Run ``make(in_caller)`` on the background loop; ``in_caller(fn, *args)`` runs ``fn`` in
+        this thread (user code: training), so this thread serves those requests while it waits.
+        Ctrl-C (KeyboardInterrupt) cancels the coroutine, waits for its clean-up, and is re-raised."""
+        lt = self._thread()
+        jobs: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...], concurrent.futures.Future[object]] | None] = queue.SimpleQueue()
+        finished = threading.Event()
+
+        async def in_caller(fn: Callable[..., object], *args: object) -> object:
+            fut: concurrent.futures.Future[object] = concurrent.futures.Future()
+            jobs.put((fn, args, fut))
+            return await asyncio.wrap_future(fut)
+
+        async def body() -> object:
+            try:
+                return await make(in_caller)
+            finally:
+                finished.set()
+                jobs.put(None)
+
+        future = asyncio.run_coroutine_threadsafe(body(), lt.loop)
+        try:
+            while True:
+                job = jobs.get()
+                if job is None:
+                    break
+                fn, args, fut = job
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                try:
+                    fut.set_result(fn(*args))
+                except Exception as exc:  # noqa: BLE001 - handed to the coroutine, which raises it to us
+                    fut.set_exception(exc)
+                except BaseException:
+                    fut.cancel()
+                    raise
+            return future.result()
+        except BaseException:   # KeyboardInterrupt, SystemExit: abandon the round cleanly, then re-raise
+            future.cancel()
+            finished.wait(10.0)
+            raise
+
+    def _sync_callable(self, fn: object, in_caller: Callable[..., Awaitable[object]]) -> object:
+        if isinstance(fn, np.ndarray) or not callable(fn) or inspect.iscoroutinefunction(fn):
+            return fn
+
+        async def proxied(*args: object) -> object:
+            produced = await in_caller(fn, *args)
+            return await produced if inspect.isawaitable(produced) else produced
+
+        return proxied
+
+    def participate(self, update: UpdateSource, **kwargs: object) -> RoundOutcome:
+        """``AsyncClient.participate``; a callable ``update`` runs in this thread."""
+        return self._call(lambda in_caller: self._client.participate(  # type: ignore[return-value]
+            self._sync_callable(update, in_caller), **kwargs))  # type: ignore[arg-type]
+
+    def run(self, train_fn: TrainFn, rounds: int | None = None, **kwargs: object) -> list[RoundOutcome]:
+        """``AsyncClient.run``: round after round, ``train_fn(model, info)`` in this thread; Ctrl-C stops it."""
+        return self._call(lambda in_caller: self._client.run(  # type: ignore[return-value]
+            self._sync_callable(train_fn, in_caller), rounds, **kwargs))  # type: ignore[arg-type]
+
+    def get_model(self, version: int = 0, *, shapes: object = None) -> tuple[int, object]:
+        return self._call(lambda _: self._client.get_model(version, shapes=shapes))  # type: ignore[return-value]
 
     def status(self) -> pb.StatusReply:
-        return self._run("status")  # type: ignore[return-value]
+        return self._call(lambda _: self._client.status())  # type: ignore[return-value]
+
+    def server_binding(self) -> bytes:
+        return self._call(lambda _: self._client.server_binding())  # type: ignore[return-value]
 
 
-__all__ = ["AsyncClient", "Client", "ClientPolicy", "RoundInfo", "RoundOutcome", "RoundFailed"]
+__all__ = ["AsyncClient", "Client", "ClientPolicy", "Layout", "RoundInfo", "RoundOutcome", "RoundFailed"]
