@@ -152,7 +152,9 @@ def _server_main(server_cfg: dict[str, Any], out: Any) -> None:
     from secagg.server.config import ServerConfig
     from secagg.server.service import start
 
-    logging.basicConfig(level=logging.WARNING)
+    # What a round did (aborts, rejections, dropouts) reaches the summary from the round records;
+    # the child's own warnings (e.g. the temporary ledger key it creates) would only break the bars.
+    logging.basicConfig(level=logging.ERROR)
 
     async def main() -> None:
         srv = await start(ServerConfig(**server_cfg), on_round=lambda rid: out.put(("round", rid)))
