@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from secagg.cli.jsonout import add_json_option, write_json
 from secagg.cli.main import UsageError
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _add_db(p)
     p.add_argument("--limit", type=_positive_int, default=50, help="how many rounds (default 50)")
     p.add_argument("--show", metavar="ROUND_ID", help="show this round's full record")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_option(p, "the records")
     p.set_defaults(func=cmd_rounds)
 
     p = subparsers.add_parser(
@@ -89,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "models", help="list model versions", description="List model versions, oldest first."
     )
     _add_db(p)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_json_option(p, "the records")
     p.set_defaults(func=cmd_models)
 
 
@@ -189,7 +190,7 @@ def cmd_rounds(args: argparse.Namespace) -> int:
             if args.show is not None:
                 record = store.round(args.show)
                 if args.json:
-                    print(json.dumps(record.to_dict(), indent=2))
+                    write_json(args.json, record.to_dict())
                 else:
                     _print_record(record.to_dict())
                 return 0
@@ -197,7 +198,7 @@ def cmd_rounds(args: argparse.Namespace) -> int:
         except StoreError as exc:
             raise UsageError(f"{exc}; `secagg rounds --db {args.db}` lists the rounds") from None
     if args.json:
-        print(json.dumps([r.to_dict() for r in records], indent=2))
+        write_json(args.json, [r.to_dict() for r in records])
         return 0
     if not records:
         print(f"no rounds recorded in {args.db} yet")
@@ -279,7 +280,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         import dataclasses
 
-        print(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
+        write_json(args.json, [dataclasses.asdict(info) for info in infos])
         return 0
     if not infos:
         print(f"no model versions in {args.db} yet")

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
+from .jsonout import add_json_option, to_stdout, write_json
 from .main import EXIT_ABORTED, EXIT_FAILED, NEIGHBORS_HELP, UsageError, neighbors_arg
 
 
@@ -19,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--neighbors", type=neighbors_arg, default=0, help=NEIGHBORS_HELP)
     p.add_argument("--mode", choices=["semi-honest", "active"], default="semi-honest")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")
+    add_json_option(p, "the figures")
     p.set_defaults(func=run)
 
 
@@ -35,10 +34,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--dropout must be in [0, 1)")
     rep = bench_round(args.clients, args.dim, dropout=args.dropout, neighbors=args.neighbors or None,
                       mode=Mode(args.mode), seed=args.seed)
-    print_report(rep)
+    if not to_stdout(args.json):
+        print_report(rep)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rep, indent=2))
+        write_json(args.json, rep)
     if rep["aborted"]:
         print(f"round aborted: {rep['aborted']}")
         return EXIT_ABORTED

@@ -8,11 +8,10 @@ over gRPC with a signed ``GetStatus``, as a registered client would.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
+from .jsonout import add_json_option, write_json
 from .main import EXIT_CONNECTION, EXIT_REJECTED, CommandError, UsageError
 
 
@@ -30,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cert-key", help="client certificate key for mutual TLS")
     p.add_argument("--server-name", help="TLS name to expect (default: the host in --server)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server (default: 10)")
-    _add_json(p, "the status")
+    add_json_option(p, "the status")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("events", help="list recorded rejections and drops",
@@ -42,12 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--client", metavar="ID", help="only this client's events")
     p.add_argument("--kind", help="only this kind (rejected, dropped, suppressed, ...)")
     p.add_argument("--limit", type=_count, default=100, help="show the newest N matching events, 0 for all (default: 100)")
-    _add_json(p, "the events")
+    add_json_option(p, "the events")
     p.set_defaults(func=cmd_events)
-
-
-def _add_json(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--json", metavar="PATH", help=f"write {what} as JSON to PATH ('-': standard output) instead of a table")
 
 
 def _count(text: str) -> int:
@@ -58,17 +53,6 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
     return value
-
-
-def _write_json(target: str, value: Any) -> None:
-    text = json.dumps(value, indent=2)
-    if target == "-":
-        print(text)
-        return
-    try:
-        Path(target).write_text(text + "\n")
-    except OSError as exc:
-        raise UsageError(f"cannot write --json {target}: {exc.strerror}") from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -97,7 +81,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         value = getattr(reply, f.name)
         status[f.name] = value if isinstance(value, (str, int, float)) else value.hex() if isinstance(value, bytes) else str(value)
     if args.json:
-        _write_json(args.json, status)
+        write_json(args.json, status)
         return 0
     width = max(len(k) for k in status)
     for key, value in status.items():
@@ -116,7 +100,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     if args.limit:
         events = events[-args.limit:]
     if args.json:
-        _write_json(args.json, [dataclasses.asdict(e) for e in events])
+        write_json(args.json, [dataclasses.asdict(e) for e in events])
         return 0
     if not events:
         filters = [f"{name} {value}" for name, value in (("round", args.round), ("client", args.client), ("kind", args.kind)) if value]

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
+from .jsonout import add_json_option, to_stdout, write_json
 from .main import EXIT_ABORTED, EXIT_FAILED, NEIGHBORS_HELP, UsageError, neighbors_arg, require_sim_extra
 
 
@@ -29,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--processes", type=int, default=2, help="client worker processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phase-seconds", type=float, default=30.0)
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON")
+    add_json_option(p, "the summary")
     p.add_argument("--workdir", help="keep the run's database and certificates here")
     g = p.add_argument_group("learning task and attacks")
     g.add_argument("--task", choices=["synthetic", "digits"], default=None,
@@ -73,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes get the whole table
+    # logs and pipes get the whole table; with --json - standard output is the JSON alone
+    console = Console(width=None if sys.stdout.isatty() else 140, stderr=to_stdout(args.json))
     from .log import setup_logging
 
     setup_logging("warning", console=console)  # log lines print above the progress bars, not through them
@@ -93,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
     print_summary(console, summary)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2, default=str))
-        console.print(f"summary written to {args.json}")
+        write_json(args.json, summary)
+        if not to_stdout(args.json):
+            console.print(f"summary written to {args.json}")
     return exit_code(console, summary)
 
 

@@ -298,3 +298,23 @@ def test_operating_walkthrough_commands_run(tmp_path: Path, monkeypatch: pytest.
 
     cfg = load(args.config, {k: getattr(args, k) for k in (*_FLAGS, "public_reads")})   # validates, cert/key pair included
     assert (cfg.dim, cfg.min_clients, cfg.rounds) == (10, 5, 1)
+
+
+def test_json_has_one_meaning_across_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--json PATH` writes there, `--json -` (or a bare `--json`) prints the JSON alone on stdout."""
+    from secagg.server.store import Store
+
+    db = tmp_path / "s.db"
+    Store(db).close()
+    for cmd in (["models", "--db", str(db)], ["rounds", "--db", str(db)]):
+        code, out_dash, _ = run(capsys, *cmd, "--json", "-")
+        code2, out_bare, _ = run(capsys, *cmd, "--json")
+        target = tmp_path / cmd[0] / "out.json"
+        code3, out_path, _ = run(capsys, *cmd, "--json", str(target))
+        assert code == code2 == code3 == 0 and out_path == ""
+        assert json.loads(out_dash) == json.loads(out_bare) == json.loads(target.read_text())
+    code, out, _ = run(capsys, "bench", "--clients", "5", "--dim", "20", "--json", "-")
+    assert code == 0 and json.loads(out)["correct"] is True   # stdout is the JSON alone, no table
+    target = tmp_path / "bench" / "b.json"
+    code, out, _ = run(capsys, "bench", "--clients", "5", "--dim", "20", "--json", str(target))
+    assert code == 0 and json.loads(target.read_text())["clients"] == 5 and "correct" in out
