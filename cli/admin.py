@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from secagg.cli.jsonout import add_json_option, write_json
-from secagg.cli.main import UsageError
+from secagg.cli.main import UsageError, int_at_least
 
 if TYPE_CHECKING:
     from secagg.server.store import RoundRecord, Store
@@ -108,14 +108,7 @@ def _key_path(args: argparse.Namespace) -> str:
     return args.key or default_key_path(args.db)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_positive_int = int_at_least(1, "a positive integer")
 
 
 def _open(db: str, *, must_exist: bool = True, ledger_key: str | None = None) -> Store:

@@ -24,7 +24,7 @@ import importlib
 import importlib.util
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # module name -> imported lazily so that `secagg bench` does not pay for matplotlib, etc.
 _COMMANDS = ("bench", "serve", "client", "simulate", "study", "admin", "certs", "ops")
@@ -65,6 +65,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if not action.option_strings:
             return help_
         return f"{help_} (default: %(default)s)" if help_ else "default: %(default)s"
+
+
+def int_at_least(low: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``low``, refused with ``expected WHAT, got ...``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
 
 
 def neighbors_arg(text: str) -> int:

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from .jsonout import add_json_option, write_json
-from .main import EXIT_CONNECTION, EXIT_REJECTED, CommandError, UsageError
+from .main import EXIT_CONNECTION, EXIT_REJECTED, CommandError, UsageError, int_at_least
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,14 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_events)
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
+_count = int_at_least(0, "a whole number >= 0")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
