@@ -253,6 +253,7 @@ class RunningServer:
         if self.health is not None:
             await self.health.enter_graceful_shutdown()   # health checks say NOT_SERVING from here on
         await self.server.stop(grace)
+        self.coordinator.preauth.flush()   # rejections still counted in the window reach the events table
         if self.metrics is not None:
             self.metrics.close()
         self.store.close()

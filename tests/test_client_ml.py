@@ -187,3 +187,58 @@ def test_rounds_must_be_positive(tmp_path):
     c = AsyncClient("127.0.0.1:1", ca_cert=b"x", identity_key=bytes(32), client_id="c0")
     with pytest.raises(ClientError, match="rounds must be"):
         asyncio.run(c.run(lambda m, i: m, rounds=0))
+
+
+@async_test
+async def test_run_records_an_aborted_round_and_completes_the_next(tmp_path):
+    """Both peers fail their training step in round 1, so it aborts for want of survivors;
+    ``run`` reports that round as aborted and the second round completes."""
+    async with running_server(tmp_path, 3, rounds=0, lobby_seconds=0.2) as h:
+        seen: list[str] = []
+        runner = asyncio.create_task(h.client("c0").run(lambda model, info: np.full(DIM, 0.01), rounds=2,
+                                                         on_round=lambda o: seen.append(o.outcome)))
+        failed = await asyncio.gather(*(h.client(c).participate(lambda info: 1 / 0) for c in ("c1", "c2")), return_exceptions=True)
+        assert all(isinstance(e, ZeroDivisionError) for e in failed), failed   # the app's own error, unwrapped
+        while not seen:                       # round 1 ends for c0 before the peers join round 2
+            await asyncio.sleep(0.05)
+        ok = await asyncio.gather(*(h.client(c).participate(np.zeros(DIM)) for c in ("c1", "c2")))
+        outs = await asyncio.wait_for(runner, 30)
+    assert all(o.ok for o in ok)
+    assert [o.outcome for o in outs] == ["aborted", "completed"] == seen, outs
+    assert outs[0].reason and outs[1].model_version == 2
+
+
+CTRL_C_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np
+    from secagg.client import Client, ClientPolicy
+    address, ca, key = sys.argv[1:4]
+    with Client(address, ca_cert=ca, identity_key=bytes.fromhex(key), client_id="c0", policy=ClientPolicy.lenient()) as c:
+        print("waiting", flush=True)
+        try:
+            c.run(lambda model, info: np.zeros(model.size))     # no round ever starts: 1 of 3 clients
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            raise
+""")
+
+
+@async_test
+async def test_ctrl_c_stops_a_sync_run_cleanly_and_leaves_the_lobby(tmp_path):
+    import signal
+
+    async with running_server(tmp_path, 3, rounds=0) as h:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CTRL_C_SCRIPT, h.address, str(h.pki.ca_cert), h.keys["c0"].hex(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert (await asyncio.wait_for(proc.stdout.readline(), 20)).strip() == b"waiting"
+        coordinator = h.srv.coordinator
+        while "c0" not in coordinator.lobby:
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+        while "c0" in coordinator.lobby:      # the server saw the stream end
+            await asyncio.sleep(0.05)
+    text = err.decode()
+    assert proc.returncode != 0 and b"interrupted" in out
+    assert text.rstrip().endswith("KeyboardInterrupt"), text
+    assert "Event loop is closed" not in text and "CancelledError" not in text, text

@@ -310,3 +310,21 @@ async def test_metrics_count_every_rejection_before_authentication_even_when_row
     assert samples['secagg_rejections_total{kind="rejected",status="UNAUTHENTICATED"}'] == 3
     assert samples['secagg_rejections_total{kind="suppressed",status="UNAUTHENTICATED"}'] == 4
     assert [e.kind for e in rows] == ["rejected"] * 3 + ["suppressed"]   # the table stays small
+
+
+@async_test
+async def test_rejections_still_counted_at_shutdown_are_recorded(tmp_path):
+    from secagg.server.store import Store
+    from secagg.server.tls import new_identity_key as fresh_key
+
+    async with running_server(tmp_path, 3, registered=["intruder"]) as h:
+        h.srv.coordinator.preauth.burst = 1           # one row, the rest counted for the window's summary
+        for _ in range(4):
+            bad = await h.raw("intruder", key=fresh_key())
+            assert (await bad.status())[0] is grpc.StatusCode.UNAUTHENTICATED
+            await bad.close()
+        # the 10 s window has not ended: the server stops first (running_server stops it on exit)
+    with Store(tmp_path / "secagg.db") as store:
+        rows = [e for e in store.events() if e.kind in ("rejected", "suppressed")]
+    assert [e.kind for e in rows] == ["rejected", "suppressed"], rows
+    assert rows[1].status == "UNAUTHENTICATED" and "3 more UNAUTHENTICATED" in rows[1].reason
