@@ -12,8 +12,10 @@ the adversary influences (how many clients it puts in a group) would hand it lev
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +26,12 @@ __all__ = [
     "RULES",
     "RuleResult",
     "aggregate",
+    "assumed_f",
+    "bucket_means",
+    "bucket_seed",
     "centered_clipping",
     "coordinate_median",
+    "f_cap",
     "geometric_median",
     "krum",
     "krum_scores",
@@ -331,6 +337,77 @@ def centered_clipping(
     return RuleResult(v, _all(g), info)
 
 
+# ----------------------------------------------------------------------------- f and bucketing
+
+
+def assumed_f(fraction: float, clients: int, inputs: int) -> int:
+    """f for a rule from the Byzantine fraction the operator ASSUMES, never from who is bad.
+
+    ``fraction`` of ``clients`` may be Byzantine: ceil(fraction * clients) attackers can spoil
+    at most that many of the ``inputs`` group means (one each), so f = min(that, inputs - 1).
+    A rule that needs fewer (Krum: inputs - 3) is capped by the caller (``rule_f_cap``).
+    """
+    fr = _positive("fraction", fraction, allow_zero=True)
+    if fr >= 1.0:
+        raise ValueError(f"assumed Byzantine fraction must be in [0, 1), got {fr}")
+    n = _int("clients", clients, 1)
+    g = _int("inputs", inputs, 1)
+    bad = math.ceil(fr * n - 1e-9)  # 0.2 * 25 is 5, not 6, despite float rounding
+    return min(bad, g - 1)
+
+
+def bucket_means(
+    points: np.ndarray, s: int, *, seed: bytes | None = None, weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Bucketing (Karimireddy, He, Jaggi, ICLR 2022): shuffle the g inputs, average buckets of s.
+
+    Returns (bucket means of shape (ceil(g/s), d), bucket weights or None, the permutation).
+    The last bucket is short when s does not divide g. The shuffle comes from the AES-CTR PRG
+    under ``seed`` (32 bytes; fresh ``os.urandom`` when None): an attacker that could predict it
+    could place its inputs in the same bucket. With weights, each bucket mean is weighted and
+    the bucket's weight is the sum of its members'. s = 1 leaves the points as they are.
+    """
+    from .prg import uniform  # lazy: the rules need the PRG only for bucketing
+
+    x = _points(points)
+    g = x.shape[0]
+    size = _int("bucket size s", s, 1)
+    w = _weights(weights, g)
+    if size == 1:
+        return x, w, np.arange(g)
+    key = os.urandom(32) if seed is None else seed
+    if not isinstance(key, bytes) or len(key) != 32:
+        raise ValueError("bucket seed must be 32 bytes (or None for a fresh one)")
+    perm = np.argsort(uniform(key, g), kind="stable")
+    starts = np.arange(0, g, size)
+    xs = x[perm]
+    if w is None:
+        sums = np.add.reduceat(xs, starts, axis=0)
+        counts = np.diff(np.append(starts, g)).astype(np.float64)
+        return sums / counts[:, None], None, perm
+    ws = w[perm]
+    bw = np.add.reduceat(ws, starts)
+    bsum = np.add.reduceat(xs * ws[:, None], starts, axis=0)
+    safe = np.where(bw > 0, bw, 1.0)
+    return bsum / safe[:, None], bw, perm
+
+
+def f_cap(rule: str, inputs: int) -> int:
+    """The largest f `rule` can run with over `inputs` points (trimmed mean 2f < g, Krum g >= f + 3)."""
+    if inputs <= 1:
+        return 0
+    if rule == "trimmed_mean":
+        return (inputs - 1) // 2
+    if rule in ("krum", "multi_krum"):
+        return max(inputs - 3, 0)
+    return inputs - 1
+
+
+def bucket_seed(*parts: object) -> bytes:
+    """A reproducible 32-byte bucketing seed from labels (for simulations; servers use os.urandom)."""
+    return hashlib.sha256("/".join(["secagg-bucketing", *map(str, parts)]).encode()).digest()
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 _PARAMS: dict[str, tuple[str, ...]] = {
@@ -350,13 +427,18 @@ def aggregate(
     *,
     f: int = 0,
     weights: np.ndarray | None = None,
+    bucket: int = 1,
+    bucket_seed: bytes | None = None,
     **params: Any,
 ) -> RuleResult:
     """Run `rule` (one of RULES) over the g accepted group means, tolerating f bad ones.
 
     `weights` reach mean and geometric_median only; other rules ignore them. trimmed_mean's
-    trim defaults to f. An unknown parameter is an error rather than silently ignored, so a
-    misspelt setting cannot weaken the rule unnoticed.
+    trim defaults to f. With `bucket` s > 1 the inputs are first shuffled and averaged in
+    buckets of s (`bucket_means`) and the rule runs over the ceil(g/s) bucket means with
+    f capped to buckets - 1 (f bad inputs spoil at most f buckets); `selected` then names
+    buckets and `info` carries the permutation's bucket count. An unknown parameter is an
+    error rather than silently ignored, so a misspelt setting cannot weaken the rule unnoticed.
     """
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
@@ -365,6 +447,11 @@ def aggregate(
     ff = _int("f", f, 0, g - 1, f"; f counts bad inputs among the {g} groups, "
               "so at least one must be honest")
     w = _weights(weights, g)
+    s = _int("bucket", bucket, 1, None, "; the bucket size s is how many inputs each bucket averages")
+    if s > 1:
+        x, w, _ = bucket_means(x, s, seed=bucket_seed, weights=w)
+        g = x.shape[0]
+        ff = min(ff, f_cap(rule, g))
     unknown = sorted(set(params) - set(_PARAMS[rule]))
     if unknown:
         allowed = ", ".join(_PARAMS[rule]) or "none"
@@ -379,4 +466,7 @@ def aggregate(
         "geometric_median": lambda: geometric_median(x, weights=w, **params),
         "centered_clipping": lambda: centered_clipping(x, **params),
     }
-    return dispatch[rule]()
+    out = dispatch[rule]()
+    if s > 1:
+        out = RuleResult(out.vector, out.selected, {**out.info, "bucket": s, "buckets": g, "f": ff})
+    return out

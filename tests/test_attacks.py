@@ -120,7 +120,7 @@ def test_data_poisoning_attacks_apply_only_the_boost(data) -> None:
         assert is_data_poisoning(name)
         assert np.array_equal(_craft(AttackConfig(name), own, benign), own)
         np.testing.assert_allclose(_craft(AttackConfig(name, boost=3.0), own, np.empty((0, D))), 3.0 * own, rtol=0)
-    assert not any(is_data_poisoning(n) for n in ATTACKS if n not in ("backdoor", "label_flip"))
+    assert not any(is_data_poisoning(n) for n in ATTACKS if n not in ("backdoor", "label_flip", "model_replacement"))
 
 
 def test_sybils_send_one_identical_boosted_vector(data) -> None:
@@ -135,7 +135,8 @@ def test_sybils_send_one_identical_boosted_vector(data) -> None:
 
 
 def test_needs_benign_names_the_omniscient_attacks() -> None:
-    assert {n for n in ATTACKS if needs_benign(n)} == {"alie", "ipm", "sybil"}
+    assert {n for n in ATTACKS if needs_benign(n)} == {"alie", "ipm", "sybil", "takeover", "fang_krum", "fang_trim",
+                                                        "min_max", "min_sum"}
 
 
 def test_every_attack_returns_a_float_vector_of_the_right_shape(data) -> None:

@@ -34,28 +34,16 @@ def cfg(**kw) -> FLConfig:
 # ------------------------------------------------------------------ checks catch a bypassing attacker
 
 
-def test_bypassing_scaling_attacker_is_rejected_by_the_norm_check() -> None:
-    # Model replacement, scale 100: an update ~70 long against B = 5, sent without the library's
-    # clip and claiming a squared norm of only B^2.  Groups of 2.
-    attacked = cfg(groups=15, rounds=6, attack=AttackConfig("scaling", scale=100.0), byzantine=0.1, bypass_bounds=True)
+def test_bypassing_attacker_takes_its_groups_over_and_no_check_rejects_them() -> None:
+    # --bypass-bounds is group takeover: one member per bad group fills the group's check budget
+    # and sets the group mean to the far side of the B-ball. Groups of 2, 3 attackers of 30.
+    attacked = cfg(groups=15, rounds=6, attack=AttackConfig("scaling", scale=-100.0), byzantine=0.1, bypass_bounds=True)
     res = run(attacked)
-    clean = run(cfg(groups=15, rounds=6))
-    fed = Federation(attacked)
-    assert len(fed.byzantine_ids) == 3
-    for r, m in enumerate(res.rounds):
-        dirty = sum(1 for g in fed.assignment(r) if fed.byzantine_ids.intersection(g))
-        assert m.rejected_groups == dirty >= 1          # exactly the groups holding an attacker
-        assert m.accepted_groups == 15 - dirty
-        assert any(reason.startswith("norm") for reason in m.reasons)
-        assert all(reason.split(" ", 1)[0] in {"range", "norm", "sqnorm", "cauchy-schwarz"} for reason in m.reasons)
-        assert m.updated
-    # Plain mean over the remaining (honest) groups: the attacker has no influence at all.  The
-    # rejected groups take their honest members with them, which shows only in the first steps
-    # from the zero model (round 0: 0.56 against 0.68 clean); from round 3 on every round is
-    # within 2 points of clean (measured <= 0.7), and no round comes near collapse.
-    assert all(m.accuracy > 0.5 for m in res.rounds)
-    for a, c in list(zip(res.rounds, clean.rounds))[3:]:
-        assert abs(a.accuracy - c.accuracy) <= 0.02, (a.round, a.accuracy, c.accuracy)
+    bounded = run(cfg(groups=15, rounds=6, attack=AttackConfig("scaling", scale=-100.0), byzantine=0.1))
+    assert res.rejected_total == 0 and all(m.updated for m in res.rounds)
+    # the same 3 attackers within the bounds are diluted by their group-mates; taking the group
+    # over sets its mean at -B: plain mean falls to chance (measured 0.11 against 0.40 bounded, 6 rounds)
+    assert res.final_accuracy < bounded.final_accuracy - 0.2, (res.final_accuracy, bounded.final_accuracy)
 
 
 def test_the_same_attacker_inside_the_bounds_is_accepted() -> None:
