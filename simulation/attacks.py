@@ -27,6 +27,7 @@ __all__ = [
     "alie_z_max",
     "alie_vector",
     "craft_update",
+    "fang_krum_lambda_bound",
     "fang_krum_vectors",
     "fang_trim_vectors",
     "group_targets",

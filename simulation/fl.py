@@ -253,7 +253,7 @@ class Federation:
     def evaluate(self, params: np.ndarray) -> dict[str, float]:
         d = self.data
         out = {"accuracy": self.model.accuracy(params, d.x_test, d.y_test)}
-        if self.cfg.attack.name == "backdoor":
+        if self.cfg.attack.name in ("backdoor", "model_replacement"):
             out["backdoor_asr"] = task.attack_success_rate(self.model, params, d.x_test, d.y_test,
                                                            self.cfg.attack.backdoor_target, d.image_shape)
         return out
@@ -286,7 +286,7 @@ class Federation:
         x, y = d.x_train[idx], d.y_train[idx]
         if poisoned:
             prng = _rng(cfg.seed, _POISON, round_no, client)
-            if cfg.attack.name == "backdoor":
+            if cfg.attack.name in ("backdoor", "model_replacement"):
                 x, y = task.poison_backdoor(x, y, cfg.attack.backdoor_target, cfg.attack.backdoor_fraction, prng, d.image_shape)
             elif cfg.attack.name == "label_flip":
                 y = task.flip_labels(y, d.n_classes)
