@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from secagg.simulation import task
 
 from secagg.simulation.task import (
     Dataset,
@@ -270,3 +271,33 @@ def test_flip_labels_is_an_involution() -> None:
     assert np.all(f != y)  # 10 classes: no fixed point
     with pytest.raises(ValueError, match="labels"):
         flip_labels(np.array([10]), 10)
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST (the real task) and local SGD with momentum
+
+
+def test_mnist_loader_is_the_fixed_bundled_subset() -> None:
+    d = task.load_mnist_task()
+    assert d.x_train.shape == (4000, 784) and d.x_test.shape == (1000, 784) and d.image_shape == (28, 28)
+    assert 0.0 <= d.x_train.min() and d.x_train.max() <= 1.0 and d.n_classes == 10
+    assert np.all(np.bincount(d.y_test, minlength=10) == 100)            # stratified: 100 per class
+    again = task.load_task("mnist", seed=7)                              # the split ignores the study seed
+    np.testing.assert_array_equal(again.y_test, d.y_test)
+    np.testing.assert_array_equal(again.x_train[:5], d.x_train[:5])
+
+
+def test_mlp_with_momentum_learns_a_small_mnist_subset() -> None:
+    d = task.load_mnist_task()
+    x, y = d.x_train[:600], d.y_train[:600]
+    model = task.MLPModel(784, 16, 10)
+    rng = np.random.default_rng(0)
+    w = model.init_params(rng)
+    plain = w + task.local_update(model, w, x, y, np.random.default_rng(1), epochs=2, lr=0.05, batch_size=32)
+    heavy = w + task.local_update(model, w, x, y, np.random.default_rng(1), epochs=2, lr=0.05, batch_size=32,
+                                  momentum=0.9)
+    acc_plain = model.accuracy(plain, d.x_test, d.y_test)
+    acc_heavy = model.accuracy(heavy, d.x_test, d.y_test)
+    assert acc_heavy > 0.7 and acc_heavy > acc_plain + 0.05, (acc_plain, acc_heavy)   # momentum speeds it up
+    with pytest.raises(ValueError, match="momentum"):
+        task.local_update(model, w, x, y, rng, momentum=1.0)
