@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phase-seconds", type=float, default=30.0)
     add_json_option(p, "the summary")
     p.add_argument("--workdir", help="keep the run's database and certificates here")
+    p.add_argument("--profile", metavar="DIR", help="write a cProfile of the server (server.prof) and of each client worker "
+                   "(worker-N.prof) to DIR; read them with `python -m pstats` or snakeviz")
     g = p.add_argument_group("learning task and attacks")
     g.add_argument("--task", choices=["synthetic", "digits"], default=None,
                    help="digits: softmax regression on scikit-learn's digits (default unless --dim is given)")
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             mode=args.mode, threshold=args.threshold, processes=args.processes, seed=args.seed, phase_seconds=args.phase_seconds,
             clip_norm=given(args.clip_norm, 10.0 if task == "synthetic" else 5.0), task=None if task == "synthetic" else task,
             rule=args.rule, byzantine_groups=args.byzantine_groups, attack=normalize_attack_name(args.attack), byzantine=args.byzantine,
-            bypass_bounds=args.bypass_bounds, non_iid=args.non_iid, workdir=args.workdir,
+            bypass_bounds=args.bypass_bounds, non_iid=args.non_iid, workdir=args.workdir, profile_dir=args.profile,
         ).validate()
         if cfg.task:
             cfg.fl_config()  # validates attack, rule, clip norm and the non-IID alpha before any process starts

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -275,7 +276,8 @@ class AsyncClient:
 
     async def participate(self, update: UpdateSource, *, on_phase: Callable[[Phase], None] | None = None,
                           fetch_model: bool = False, rounding_seed: bytes | None = None,
-                          encoder: Encoder | None = None) -> RoundOutcome:
+                          encoder: Encoder | None = None, lazy: bool = False,
+                          vector_slots: asyncio.Semaphore | None = None) -> RoundOutcome:
         """Take part in the next round with ``update``; returns when the round has ended.
 
         ``update`` is a vector, or a callable given the ``RoundInfo`` once the round is announced
@@ -285,7 +287,14 @@ class AsyncClient:
         (simulations); by default it is fresh randomness.  ``encoder`` replaces bounding and
         encoding: for attack simulations only, since the server must never trust a client's
         library anyway.
+
+        ``lazy``: call the update callable only when the masked input is due (after the key
+        phases), and let go of the vector once it is sent, so no D-vector is held through the
+        key phases.  ``vector_slots`` (implies ``lazy``): a semaphore shared by the clients of
+        one process; a client holds one of its slots from building its vector until the last
+        chunk is written, so a process running many clients holds at most that many vectors.
         """
+        lazy = lazy or vector_slots is not None
         self._layout: Layout | None = None
         if isinstance(update, np.ndarray) or not callable(update):
             update = self._check_update(update)
@@ -293,7 +302,7 @@ class AsyncClient:
         call = stub.Participate()
         self._sent = self._received = 0
         try:
-            return await self._run(call, update, on_phase, fetch_model, rounding_seed, encoder)
+            return await self._run(call, update, on_phase, fetch_model, rounding_seed, encoder, lazy, vector_slots)
         except grpc.aio.AioRpcError as exc:
             raise Rejected(exc.code().name, exc.details() or "") from None
         finally:
@@ -397,8 +406,22 @@ class AsyncClient:
         self._received += msg.ByteSize()
         return msg
 
+    async def _produce(self, call: grpc.aio.StreamStreamCall, update: UpdateSource, info: RoundInfo) -> np.ndarray:
+        """The round's update vector: ``update`` itself or what its callable returns for ``info``;
+        a wrong length is refused (and the server told) before anything is masked."""
+        if not isinstance(update, np.ndarray):
+            produced = update(info)  # type: ignore[operator]
+            if inspect.isawaitable(produced):
+                produced = await produced
+            update = self._check_update(produced)
+        if update.size != info.dim:
+            await self._write(call, pb.ClientMessage(abort=pb.ClientAbort(reason=f"update has {update.size} values, round needs {info.dim}")))
+            raise ClientError(f"update has {update.size} values but round {info.round_id} needs {info.dim}")
+        return update
+
     async def _run(self, call: grpc.aio.StreamStreamCall, update: UpdateSource, on_phase: Callable[[Phase], None] | None,
-                   fetch_model: bool, rounding_seed: bytes | None, encoder: Encoder | None) -> RoundOutcome:
+                   fetch_model: bool, rounding_seed: bytes | None, encoder: Encoder | None, lazy: bool = False,
+                   vector_slots: asyncio.Semaphore | None = None) -> RoundOutcome:
         s = self.settings
         binding = await self.server_binding()
         contribution = s.randbytes(32)            # fresh this round: fixes our ring position and the config digest
@@ -437,19 +460,17 @@ class AsyncClient:
             await self._write(call, pb.ClientMessage(abort=pb.ClientAbort(reason=str(exc)[:200])))
             raise RoundAborted(str(exc)) from None
         info = RoundInfo(rc.round_id, rc.model_version, cfg.dim - 2, rc.group, rc.index, cfg.members, params)
-        if not isinstance(update, np.ndarray):
-            produced = update(info)
-            if inspect.isawaitable(produced):
-                produced = await produced
-            update = self._check_update(produced)
-        if update.size != info.dim:
-            await self._write(call, pb.ClientMessage(abort=pb.ClientAbort(reason=f"update has {update.size} values, round needs {info.dim}")))
-            raise ClientError(f"update has {update.size} values but round {rc.round_id} needs {info.dim}")
+        if not lazy:
+            update = await self._produce(call, update, info)
         # a phase may take the server's deadline three times over, never longer than we wait for a round
         timeout = min(max(rc.phase_timeout_seconds, 1.0) * 3, s.wait_seconds)
         try:
             seed = rounding_seed or s.randbytes(32)
-            encoded = encoder(update, params, cfg.members, seed) if encoder else encode(update, params, cfg.members, rounding_seed=seed)
+
+            def encoded_input(vector: np.ndarray) -> np.ndarray:
+                return encoder(vector, params, cfg.members, seed) if encoder else encode(vector, params, cfg.members, rounding_seed=seed)
+
+            encoded = None if lazy else encoded_input(update)  # type: ignore[arg-type]
 
             def step(phase: Phase) -> None:
                 if on_phase is not None:
@@ -465,10 +486,15 @@ class AsyncClient:
                     step(Phase.SHARE_KEYS)
                     await self._write(call, convert.share_keys_to_pb(reply))
                 elif kind == "shares_delivery":
-                    masked = machine.masked_input(convert.shares_delivery_from_pb(rc.index, msg.shares_delivery), encoded)
-                    step(Phase.MASKED_INPUT)
-                    for chunk in convert.masked_input_chunks(masked.vector, rc.chunk_words):
-                        await self._write(call, chunk)
+                    async with vector_slots or contextlib.nullcontext():
+                        if encoded is None:
+                            encoded = encoded_input(await self._produce(call, update, info))
+                        masked = machine.masked_input(convert.shares_delivery_from_pb(rc.index, msg.shares_delivery), encoded)
+                        encoded = None
+                        step(Phase.MASKED_INPUT)
+                        for chunk in convert.masked_input_chunks(masked.vector, rc.chunk_words):
+                            await self._write(call, chunk)
+                        del masked   # sent: a lazy client holds no vector from here on
                 elif kind == "consistency_request":
                     reply = machine.consistency_check(convert.consistency_request_from_pb(msg.consistency_request))
                     step(Phase.CONSISTENCY_CHECK)

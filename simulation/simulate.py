@@ -29,6 +29,7 @@ from secagg.protocol.messages import Phase
 from secagg.protocol.policy import ClientPolicy
 
 PHASES = [p.label for p in Phase]
+VECTOR_SLOTS = 4   # input vectors a client worker holds at once (built lazily, per client, from its seed)
 
 
 class SimulationError(RuntimeError):
@@ -67,6 +68,7 @@ class SimConfig:
     non_iid: float | None = None
     fl: dict[str, Any] = field(default_factory=dict)   # extra FLConfig fields
     workdir: str | None = None                         # keep the run's files here (default: temp, removed)
+    profile_dir: str | None = None                     # write a cProfile of the server and of each worker here
 
     def client_policy(self) -> ClientPolicy:
         """The simulated clients' policy: the default, relaxed only where this simulation asks for less
@@ -146,7 +148,22 @@ def drop_plan(cfg: SimConfig) -> dict[int, dict[str, str]]:
 
 
 # ---- the server process -----------------------------------------------------------------------
-def _server_main(server_cfg: dict[str, Any], out: Any) -> None:
+def _profiled(profile_dir: str | None, name: str, fn: Callable[[], None]) -> None:
+    """Run ``fn``, under cProfile when ``profile_dir`` is set (stats in PROFILE_DIR/NAME.prof)."""
+    if not profile_dir:
+        fn()
+        return
+    import cProfile
+
+    prof = cProfile.Profile()
+    try:
+        prof.runcall(fn)
+    finally:
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        prof.dump_stats(str(Path(profile_dir) / f"{name}.prof"))
+
+
+def _server_main(server_cfg: dict[str, Any], out: Any, profile_dir: str | None = None) -> None:
     import logging
 
     from secagg.server.config import ServerConfig
@@ -165,7 +182,7 @@ def _server_main(server_cfg: dict[str, Any], out: Any) -> None:
             await srv.stop()
 
     try:
-        asyncio.run(main())
+        _profiled(profile_dir, "server", lambda: asyncio.run(main()))
         out.put(("server_done", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
     except BaseException as exc:  # report, never hang the parent
         out.put(("server_error", f"{type(exc).__name__}: {exc}"))
@@ -174,7 +191,7 @@ def _server_main(server_cfg: dict[str, Any], out: Any) -> None:
 # ---- client worker processes --------------------------------------------------------------------
 def _worker_main(job: dict[str, Any], out: Any) -> None:
     try:
-        asyncio.run(_worker(job, out))
+        _profiled(job["cfg"].get("profile_dir"), f"worker-{job['worker']}", lambda: asyncio.run(_worker(job, out)))
     except BaseException as exc:
         out.put(("worker_error", f"{type(exc).__name__}: {exc}"))
 
@@ -187,6 +204,9 @@ async def _worker(job: dict[str, Any], out: Any) -> None:
     fed = _federation(cfg) if cfg.task == "digits" else None
     models: dict[int, np.ndarray] = {}
     model_lock = asyncio.Lock()
+    # inputs are built per client from its seed when its masked input is due and dropped once sent:
+    # a worker holds at most VECTOR_SLOTS input vectors, however many clients it runs
+    slots = asyncio.Semaphore(VECTOR_SLOTS)
 
     async def run_client(cid: str, key: bytes) -> None:
         index = int(cid.split("-")[1])
@@ -215,7 +235,7 @@ async def _worker(job: dict[str, Any], out: Any) -> None:
 
                 t0 = time.monotonic()
                 try:
-                    o = await client.participate(make_update, on_phase=hook, encoder=encoder)
+                    o = await client.participate(make_update, on_phase=hook, encoder=encoder, vector_slots=slots)
                     out.put(("client", cid, r, o.outcome, o.bytes_sent, o.bytes_received, time.monotonic() - t0))
                 except SimulatedDropout as exc:
                     out.put(("client", cid, r, f"dropped before {exc}", 0, 0, time.monotonic() - t0))
@@ -272,7 +292,7 @@ def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], 
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     t_start = time.monotonic()
-    server = ctx.Process(target=_server_main, args=(server_cfg, events), name="secagg-server", daemon=True)
+    server = ctx.Process(target=_server_main, args=(server_cfg, events, cfg.profile_dir), name="secagg-server", daemon=True)
     server.start()
     workers: list[Any] = []
     client_rows: list[tuple] = []
@@ -282,7 +302,7 @@ def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], 
         plan = drop_plan(cfg)
         ids = sorted(keys)
         for w in range(min(cfg.processes, cfg.clients)):
-            job = {"cfg": asdict(cfg), "plan": plan, "address": f"127.0.0.1:{port}", "ca": pki.ca_cert.read_bytes(),
+            job = {"worker": w, "cfg": asdict(cfg), "plan": plan, "address": f"127.0.0.1:{port}", "ca": pki.ca_cert.read_bytes(),
                    "wait": max(60.0, cfg.phase_seconds * 8), "clients": [(c, keys[c]) for c in ids[w :: cfg.processes]]}
             p = ctx.Process(target=_worker_main, args=(job, events), name=f"secagg-worker-{w}", daemon=True)
             p.start()
