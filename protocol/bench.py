@@ -56,6 +56,13 @@ def measure_unit_costs(dim: int, dtype: np.dtype, repeat: int = 25) -> UnitCosts
     return UnitCosts(prg_seconds=_best(expand, repeat), add_seconds=_best(add, repeat))
 
 
+def server_bounds(unit: UnitCosts, *, survivors: int, expansions: int) -> dict[Phase, float]:
+    """The server's lower bounds (docs/performance.md): summing the masked inputs costs one vector
+    addition per survivor; unmasking one PRG expansion and addition per seed it expands (each
+    survivor's self mask, and each dropped member's pairwise masks with its surviving neighbours)."""
+    return {Phase.MASKED_INPUT: survivors * unit.add_seconds, Phase.UNMASKING: expansions * unit.per_vector}
+
+
 def make_config(clients: int, dim: int, mode: Mode, neighbors: int | None, params: EncodingParams, threshold: int | None = None) -> GroupConfig:
     holders = clients if neighbors is None or neighbors >= clients - 1 else neighbors + 1
     return GroupConfig(
@@ -109,9 +116,10 @@ def report(cfg: GroupConfig, run: GroupRun, inputs: dict[int, np.ndarray], unit:
     degree = cfg.degree
     u2 = run.survivors.get(Phase.SHARE_KEYS, frozenset())
     dropped_after_sharing = len(u2 - survivors)
+    server = server_bounds(unit, survivors=len(survivors), expansions=len(survivors) + dropped_after_sharing * degree)
     bounds = {
-        Phase.MASKED_INPUT: ((degree + 1) * unit.per_vector, len(survivors) * unit.add_seconds),
-        Phase.UNMASKING: (0.0, (len(survivors) + dropped_after_sharing * degree) * unit.per_vector),
+        Phase.MASKED_INPUT: ((degree + 1) * unit.per_vector, server[Phase.MASKED_INPUT]),
+        Phase.UNMASKING: (0.0, server[Phase.UNMASKING]),
     }
     phases = {}
     for p, st in run.stats.items():

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import graph, prg, shamir, signatures
 from .aead import NONCE_BYTES
+from .deadlines import PhaseBudget
 from .errors import AbortError, DropReason, LocalProtocolError, RemoteProtocolError
 from .keys import KeyPair, Purpose, agree, pair_keys
 from .messages import (
@@ -72,16 +73,17 @@ class ServerMachine:
     """Collects one group's messages phase by phase and unmasks the exact sum."""
 
     def __init__(self, config: GroupConfig, *, identities: Mapping[int, bytes] | None = None,
-                 phase_seconds: float | None = None, now: float = 0.0) -> None:
+                 phase_seconds: float | PhaseBudget | None = None, now: float = 0.0) -> None:
         """``phase_seconds`` and ``now`` inject time (aioquic's way): the machine says when its
-        phase is due (``deadline``, ``ready_to_close(now)``); the caller owns the clock."""
+        phase is due (``deadline``, ``ready_to_close(now)``); the caller owns the clock.  A number
+        is the same deadline for every phase; a ``PhaseBudget`` scales each with this group's work."""
         if config.mode is Mode.ACTIVE and identities is None:
             raise LocalProtocolError("active mode needs the members' registered identity keys")
         self.config = config
-        self.phase_seconds = phase_seconds
-        self.deadline: float | None = None if phase_seconds is None else now + phase_seconds
-        self.state = ServerState.RUNNING
+        self.budget = PhaseBudget.fixed(phase_seconds) if isinstance(phase_seconds, (int, float)) else phase_seconds
         self.phase: Phase = Phase.ADVERTISE_KEYS
+        self.deadline: float | None = None if self.budget is None else now + self.budget.for_group(self.phase, config)
+        self.state = ServerState.RUNNING
         # SecAgg+: the ring is fixed by the contributions opened with the keys (close of advertise).
         self.neighbors: dict[int, frozenset[int]] = {} if config.sparse else graph.complete(config.members)
         self._identities = dict(identities or {})
@@ -96,6 +98,7 @@ class ServerMachine:
         self._advertised_keys: set[bytes] = set()
         self.inconsistent: dict[int, str] = {}   # owner -> how its secret was recovered despite bad shares
         self.result: AggregateResult | None = None
+        self.unmask_expansions = 0   # PRG expansions the unmasking did (the bound of docs/performance.md counts them)
         self.abort_reason = ""
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -228,8 +231,8 @@ class ServerMachine:
             self.deadline = None
         else:
             self.phase = nxt
-            if self.phase_seconds is not None and now is not None:
-                self.deadline = now + self.phase_seconds
+            if self.budget is not None and now is not None:
+                self.deadline = now + self.budget.for_group(self.phase, self.config)
         return out
 
     def _close_advertise_keys(self) -> dict[int, ServerMessage]:
@@ -264,8 +267,14 @@ class ServerMachine:
 
     def _close_consistency_check(self) -> dict[int, ServerMessage]:
         sigs: dict[int, ConsistencySignature] = self.received[Phase.CONSISTENCY_CHECK]  # type: ignore[assignment]
-        req = UnmaskRequest(self._u3, self._u2 - self._u3, tuple(sigs[i] for i in sorted(sigs)))
-        return {u: req for u in sorted(sigs)}
+        dropped = self._u2 - self._u3
+        if not self.config.sparse:
+            req = UnmaskRequest(self._u3, dropped, tuple(sigs[i] for i in sorted(sigs)))
+            return {u: req for u in sorted(sigs)}
+        # SecAgg+: a member checks the signatures of its own neighbourhood only, so it gets only
+        # those (O(k) per member, not O(m): the broadcast of every signature was O(m^2) bytes)
+        signed = frozenset(sigs)
+        return {u: UnmaskRequest(self._u3, dropped, tuple(sigs[i] for i in sorted(self.holders(u) & signed))) for u in sorted(sigs)}
 
     def _close_unmasking(self) -> dict[int, ServerMessage]:
         self.result = self._unmask()
@@ -317,6 +326,7 @@ class ServerMachine:
         cfg = self.config
         total = self._sum.copy()
         session = cfg.digest
+        self.unmask_expansions = len(self._u3) + sum(len(self._u3 & self.neighbors[v]) for v in self._u2 - self._u3)
         for u in sorted(self._u3):
             commitment = self._commitments[u]
             seed = recover(u, b_shares.get(u, {}), "self-mask seed",

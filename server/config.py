@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from secagg.protocol import thresholds
+from secagg.protocol.deadlines import PhaseBudget
 from secagg.protocol.encoding import EncodingParams
 from secagg.protocol.messages import Mode
 from secagg.protocol.robust import RULES
@@ -51,7 +52,10 @@ class ServerConfig:
     mode: str = "active"               # or "semi-honest" (clients refuse it unless they opt in)
     neighbors: int = 0                 # 0 = complete graph; else SecAgg+ degree k (even), raised to the recommended degree
     threshold: float = 0.0             # 0 = safe minimum; <1 a fraction of holders; >=1 absolute
-    phase_seconds: float = 30.0        # per-phase deadline
+    phase_seconds: float = 30.0        # per-phase deadline of a small round; it grows with the round's work:
+    phase_member_seconds: float = 0.01   # ... by this per group member
+    phase_pair_seconds: float = 0.001    # ... and this per member and neighbour (phases with pairwise work)
+    phase_ingest_rate: float = float(16 << 20)   # ... and the masked input by all members' vectors at this many bytes/s (0: not)
     chunk_words: int = 1 << 18         # words per masked-input chunk (1 MiB at 32 bits)
     max_inflight: int = 16             # masked-input streams assembled at once per group
     stall_seconds: float = 0.0         # drop a client silent this long mid-vector; 0 = phase_seconds / 4
@@ -133,6 +137,11 @@ class ServerConfig:
             if int(t) < thresholds.minimum(holders, mode) or int(t) > holders:
                 raise ConfigError(f"threshold {int(t)} does not fit groups of {size}: it must be in "
                                   f"{thresholds.minimum(holders, mode)}..{holders} (or use 0 for the safe minimum)")
+
+    @property
+    def phase_budget(self) -> PhaseBudget:
+        """Each phase's deadline for a group: phase_seconds plus the group's work at the floor rates above."""
+        return PhaseBudget(self.phase_seconds, self.phase_member_seconds, self.phase_pair_seconds, self.phase_ingest_rate)
 
     @property
     def stall_limit(self) -> float:
@@ -234,6 +243,9 @@ _ALLOWED: dict[str, Allowed] = {
     "neighbors": Allowed(lo=0, text="0 (complete graph) or an even number >= 2"),
     "threshold": Allowed(lo=0, text=">= 0 (0: the safe minimum; < 1 a fraction; >= 1 absolute)"),
     "phase_seconds": Allowed(lo=0, lo_open=True),
+    "phase_member_seconds": Allowed(lo=0),
+    "phase_pair_seconds": Allowed(lo=0),
+    "phase_ingest_rate": Allowed(lo=0, text=">= 0 bytes/s (0: the masked-input deadline does not grow with vector size)"),
     "chunk_words": Allowed(lo=1, hi=1 << 19),
     "max_inflight": Allowed(lo=1),
     "stall_seconds": Allowed(lo=0, text=">= 0 (0: phase_seconds / 4)"),

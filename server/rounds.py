@@ -89,6 +89,19 @@ class RejectionLimiter:
             self.record(None, None, "suppressed", status, summary, count=n)
 
 
+_PHASE_OF_KIND = {"advertise_keys": Phase.ADVERTISE_KEYS, "share_keys": Phase.SHARE_KEYS, "masked_input": Phase.MASKED_INPUT,
+                  "consistency_signature": Phase.CONSISTENCY_CHECK, "unmask_response": Phase.UNMASKING}
+
+
+def _timed(group: GroupRun, phase: Phase, fn: Any, **kwargs: Any) -> Any:
+    """``fn(**kwargs)``, its CPU time in this thread counted as ``phase``'s work."""
+    t0 = time.thread_time()
+    try:
+        return fn(**kwargs)
+    finally:
+        group.account(phase, time.thread_time() - t0)
+
+
 class AlreadyConnected(Exception):
     pass
 
@@ -121,19 +134,35 @@ class GroupRun:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     assembly: dict[int, Assembly] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # seconds of the server's own work per phase: handling the phase's messages (parsing, checks,
+    # assembling and summing masked inputs) and closing it (unmasking); beside it the process's
+    # CPU seconds (all threads: TLS, HTTP/2, protobuf) while the phase was open
+    work: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
     survivors: dict[str, list[str]] = field(default_factory=dict)
     error: str = ""
     closing: bool = False        # the final phase is being closed in a worker thread
+    # assembly buffers are reused: at most max_inflight exist, and a fresh multi-megabyte np.empty
+    # per client cost a page fault per 4 KiB on first touch (~1 ms per 10^5 words, 50x the addition)
+    spare: list[np.ndarray] = field(default_factory=list)
 
     def client(self, index: int) -> str:
         return self.members[index].client_id
 
+    def account(self, phase: Phase, seconds: float) -> None:
+        self.work[phase.label] = self.work.get(phase.label, 0.0) + seconds
+
+    def new_assembly(self) -> Assembly:
+        return Assembly(self.spare.pop() if self.spare else np.empty(self.config.dim, dtype=self.config.dtype))
+
     def discard_assembly(self, index: int) -> None:
+        """End ``index``'s assembly (its buffer is kept for the next one: callers are done with it)."""
         a = self.assembly.pop(index, None)
         if a is not None:
             for timer in (a.stall_timer, a.rate_timer):
                 if timer is not None:
                     timer.cancel()
+            self.spare.append(a.buffer)
             self.inflight.release()
 
 
@@ -208,7 +237,9 @@ class Coordinator:
         session.abort(code, message)
 
     # -- incoming messages --------------------------------------------------------------------
-    async def handle(self, session: Session, msg: pb.ClientMessage) -> None:
+    async def handle(self, session: Session, msg: pb.ClientMessage, size: int | None = None, parse_seconds: float = 0.0) -> None:
+        """``size``: the message's length on the wire when the caller knows it (ByteSize serialises);
+        ``parse_seconds``: what parsing it took, counted as the phase's work."""
         kind = msg.WhichOneof("body")
         group = session.group
         if kind is None:
@@ -221,13 +252,17 @@ class Coordinator:
             return self.reject(session, DropReason.OUT_OF_PHASE, f"{kind} before any round configuration; wait for RoundConfig")
         if group.closing:
             return self.reject(session, DropReason.OUT_OF_PHASE, f"{kind} after the group's last phase closed")
-        if msg.ByteSize() > MAX_CLIENT_MESSAGE_BYTES:
+        if size is None:
+            size = msg.ByteSize()
+        if size > MAX_CLIENT_MESSAGE_BYTES:
             return self.reject(session, DropReason.OVERSIZED,
-                               f"{kind} of {msg.ByteSize()} bytes exceeds the {MAX_CLIENT_MESSAGE_BYTES} byte limit; send smaller chunks")
+                               f"{kind} of {size} bytes exceeds the {MAX_CLIENT_MESSAGE_BYTES} byte limit; send smaller chunks")
         i = session.index
+        phase = _PHASE_OF_KIND.get(kind)
+        t0 = time.thread_time()   # CPU time of this thread: immune to other processes taking the core
         try:
             if kind == "masked_input":
-                await self._chunk(group, i, msg.masked_input)
+                t0 = await self._chunk(group, i, msg.masked_input)   # from when it holds a slot: waiting is not work
             elif kind == "advertise_keys":
                 group.machine.receive(convert.advertise_from_pb(i, msg.advertise_keys, session.identity))
             elif kind == "share_keys":
@@ -243,9 +278,12 @@ class Coordinator:
         except LocalProtocolError as exc:
             self.reject(session, DropReason.OUT_OF_PHASE, str(exc))
         finally:
+            if phase is not None:
+                group.account(phase, parse_seconds + time.thread_time() - t0)
             group.changed.set()
 
-    async def _chunk(self, group: GroupRun, i: int, chunk: pb.MaskedInputChunk) -> None:
+    async def _chunk(self, group: GroupRun, i: int, chunk: pb.MaskedInputChunk) -> float:
+        """Assemble one chunk (and add a completed vector to the sum); returns when its work began."""
         m = group.machine
         if i in m.received[Phase.MASKED_INPUT]:
             raise RemoteProtocolError(f"client {i} already sent its whole masked input", index=i, reason=DropReason.DUPLICATE)
@@ -258,9 +296,10 @@ class Coordinator:
             await group.inflight.acquire()   # backpressure: the client waits in gRPC flow control
             if i not in m.waiting_for() or m.phase is not Phase.MASKED_INPUT:
                 group.inflight.release()
-                return
-            a = group.assembly[i] = Assembly(np.empty(group.config.dim, dtype=group.config.dtype))
+                return time.thread_time()
+            a = group.assembly[i] = group.new_assembly()
             self._arm_rate_timer(group, i, a)
+        started = time.thread_time()
         words = convert.words_from_bytes(chunk.words, group.config.dtype)
         if chunk.offset != a.filled:
             why = DropReason.DUPLICATE if chunk.offset < a.filled else DropReason.MALFORMED
@@ -275,8 +314,11 @@ class Coordinator:
         if chunk.last:
             if a.filled != group.config.dim:
                 raise RemoteProtocolError(f"masked input has {a.filled} words, the round needs {group.config.dim}", index=i, reason=DropReason.WRONG_LENGTH)
-            group.discard_assembly(i)
-            m.receive(MaskedInput(i, a.buffer))
+            try:
+                m.receive(MaskedInput(i, a.buffer))   # added to the running sum, not kept
+            finally:
+                group.discard_assembly(i)
+        return started
 
     def _arm_rate_timer(self, group: GroupRun, i: int, a: Assembly) -> None:
         """A trickler that sends a word just often enough to dodge the stall timer still holds its slot:
@@ -391,10 +433,11 @@ class Coordinator:
         for number, members in enumerate(parts):
             rc = self._round_config_pb(round_id, number, members, model.version)
             gc = convert.group_config_from_pb(_for_member(rc, 1))   # derived exactly as the members derive it
+            rc.phase_timeout_seconds = cfg.phase_budget.longest(gc)   # deadlines grow with the group's work: clients wait as long
             sessions = {i + 1: s for i, s in enumerate(members)}
             identities = {i: s.identity for i, s in sessions.items()}
             machine = ServerMachine(gc, identities=identities if gc.mode is Mode.ACTIVE else None,
-                                    phase_seconds=cfg.phase_seconds, now=time.monotonic())
+                                    phase_seconds=cfg.phase_budget, now=time.monotonic())
             g = GroupRun(round_id, number, gc, sessions, machine, cfg.chunk_words, asyncio.Semaphore(cfg.max_inflight), rc)
             for i, s in sessions.items():
                 s.group, s.index = g, i
@@ -438,7 +481,7 @@ class Coordinator:
         m = g.machine
         while m.state is ServerState.RUNNING:
             phase = m.phase
-            t0 = time.monotonic()
+            t0, cpu0 = time.monotonic(), time.process_time()
             while not m.ready_to_close(now := time.monotonic()):
                 g.changed.clear()
                 try:
@@ -446,18 +489,19 @@ class Coordinator:
                 except TimeoutError:
                     pass
             for late in sorted(m.waiting_for()):
-                self.reject(g.members[late], DropReason.TIMEOUT, f"no {phase.label} message within the {self.cfg.phase_seconds:g} s deadline")
+                self.reject(g.members[late], DropReason.TIMEOUT, f"no {phase.label} message within the {m.budget.for_group(phase, g.config):.3g} s deadline")  # type: ignore[union-attr]
             try:
                 if phase is Phase.UNMASKING:   # O(survivors x D) of PRG work: keep the event loop free
                     g.closing = True
-                    out = await asyncio.to_thread(m.close_phase)
+                    out = await asyncio.to_thread(_timed, g, phase, m.close_phase)
                 else:
-                    out = m.close_phase(now=time.monotonic())
+                    out = _timed(g, phase, m.close_phase, now=time.monotonic())
             except AbortError as exc:
                 g.error = str(exc)
                 log.warning("%s group %d aborted: %s", g.round_id, g.number, exc)
             finally:
                 g.timings[phase.label] = time.monotonic() - t0
+                g.cpu[phase.label] = time.process_time() - cpu0
                 g.survivors[phase.label] = [g.client(i) for i in sorted(m.received[phase])]
                 log.info("%s group %d: %s closed after %.2f s with %d of %d members%s", g.round_id, g.number, phase.label,
                          g.timings[phase.label], len(m.received[phase]), g.config.members, f"; aborted: {g.error}" if g.error else "")
@@ -506,6 +550,8 @@ class Coordinator:
             "rule": decision.as_record() if decision else {},
             "aggregate_digest": sums_digest({n: s for n, (s, _) in sums.items()}) if sums else None,
             "timings": {"total": seconds, "groups": {str(g.number): g.timings for g in groups},
+                        "work": {str(g.number): g.work for g in groups}, "cpu": {str(g.number): g.cpu for g in groups},
+                        "unmask_expansions": {str(g.number): g.machine.unmask_expansions for g in groups},
                         "group_errors": {str(g.number): g.error for g in groups if g.error}},
             "model_version": version,
         }

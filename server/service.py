@@ -148,13 +148,15 @@ class SecAggServicer(pb_grpc.SecAggServicer):
                                                 f"gRPC refused a message over its {MAX_MESSAGE_BYTES} byte transport limit "
                                                 f"(the round limit is {MAX_CLIENT_MESSAGE_BYTES}); send smaller chunks")
                     break
+                t0 = time.thread_time()
                 msg, problem = _parse(pb.ClientMessage, data, MAX_CLIENT_MESSAGE_BYTES, "a round message")
+                parsed = time.thread_time() - t0
                 if problem is not None:
                     code, reason = problem
                     why = DropReason.OVERSIZED if code is grpc.StatusCode.RESOURCE_EXHAUSTED else DropReason.MALFORMED
                     self.coordinator.reject(session, why, reason)
                     break
-                await self.coordinator.handle(session, msg)
+                await self.coordinator.handle(session, msg, len(data) if isinstance(data, bytes) else None, parsed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

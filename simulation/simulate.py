@@ -9,14 +9,16 @@ survivors' encoded inputs and compares its digest with the one the server record
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import multiprocessing as mp
+import os
 import queue
 import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,19 @@ def synthetic_update(seed: int, round_id: str, cid: str, dim: int, clip_norm: fl
     return rng.standard_normal(dim) * (0.5 * clip_norm / np.sqrt(dim))
 
 
+def client_wait_seconds(cfg: SimConfig, dim: int) -> float:
+    """How long a simulated client waits for a round or a phase: at least three times the longest
+    phase deadline the server will grant its group (deadlines grow with the round's work)."""
+    from secagg.protocol.deadlines import PhaseBudget
+    from secagg.protocol.graph import recommended_degree
+
+    size = -(-cfg.clients // cfg.groups)
+    degree = min(size - 1, max(cfg.neighbors, recommended_degree(size))) if cfg.neighbors else size - 1
+    budget = PhaseBudget(base_seconds=cfg.phase_seconds)   # the server's default rates
+    longest = max(budget.seconds(p, members=size, degree=degree, dim=dim + 2, word_bytes=8) for p in Phase)
+    return max(60.0, cfg.phase_seconds * 8, 3 * longest)
+
+
 def drop_plan(cfg: SimConfig) -> dict[int, dict[str, str]]:
     """round number -> {client id: phase it vanishes before}; the same for every process."""
     rng = np.random.default_rng(cfg.seed + 7919)
@@ -192,6 +207,7 @@ def _server_main(server_cfg: dict[str, Any], out: Any, profile_dir: str | None =
 def _worker_main(job: dict[str, Any], out: Any) -> None:
     try:
         _profiled(job["cfg"].get("profile_dir"), f"worker-{job['worker']}", lambda: asyncio.run(_worker(job, out)))
+        out.put(("worker_done", job["worker"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
     except BaseException as exc:
         out.put(("worker_error", f"{type(exc).__name__}: {exc}"))
 
@@ -293,19 +309,22 @@ def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], 
     events = ctx.Queue()
     t_start = time.monotonic()
     server = ctx.Process(target=_server_main, args=(server_cfg, events, cfg.profile_dir), name="secagg-server", daemon=True)
-    server.start()
+    with _single_threaded_children():
+        server.start()
     workers: list[Any] = []
     client_rows: list[tuple] = []
     peak_rss_kb = 0
+    worker_rss_kb: dict[int, int] = {}
     try:
         port = _await_port(events, server)
         plan = drop_plan(cfg)
         ids = sorted(keys)
         for w in range(min(cfg.processes, cfg.clients)):
             job = {"worker": w, "cfg": asdict(cfg), "plan": plan, "address": f"127.0.0.1:{port}", "ca": pki.ca_cert.read_bytes(),
-                   "wait": max(60.0, cfg.phase_seconds * 8), "clients": [(c, keys[c]) for c in ids[w :: cfg.processes]]}
+                   "wait": client_wait_seconds(cfg, dim), "clients": [(c, keys[c]) for c in ids[w :: cfg.processes]]}
             p = ctx.Process(target=_worker_main, args=(job, events), name=f"secagg-worker-{w}", daemon=True)
-            p.start()
+            with _single_threaded_children():
+                p.start()
             workers.append(p)
         rounds_done = 0
         server_done = False
@@ -328,6 +347,8 @@ def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], 
             elif kind == "server_done":
                 peak_rss_kb = ev[1]
                 server_done = True
+            elif kind == "worker_done":
+                worker_rss_kb[ev[1]] = ev[2]
             elif kind in ("server_error", "worker_error"):
                 raise SimulationError(f"{kind.split('_')[0]} failed: {ev[1]}")
         for p in workers:
@@ -339,10 +360,14 @@ def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], 
                 break
             if ev[0] == "client":
                 client_rows.append(ev[1:])
+            elif ev[0] == "worker_done":
+                worker_rss_kb[ev[1]] = ev[2]
         wall = time.monotonic() - t_start
         with Store(db) as store:
             summary = summarize(cfg, store, client_rows, fed, dim)
-        summary.update(wall_seconds=wall, server_peak_rss_mb=peak_rss_kb / 1024, workdir=str(work) if cfg.workdir else None)
+        summary.update(wall_seconds=wall, server_peak_rss_mb=peak_rss_kb / 1024,
+                       worker_peak_rss_mb=[worker_rss_kb[w] / 1024 for w in sorted(worker_rss_kb)],
+                       workdir=str(work) if cfg.workdir else None)
         return summary
     finally:
         for p in [*workers, server]:
@@ -351,6 +376,26 @@ def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], 
             p.join(timeout=5)
         if not cfg.workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+# The simulator runs a server and several workers on the same cores: a BLAS thread pool per process
+# only fights the others (np.dot of a 10^5-vector measured 16 ms threaded vs 16 us on one thread here).
+_ONE_THREAD = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+@contextlib.contextmanager
+def _single_threaded_children() -> Iterator[None]:
+    """Children started inside inherit one-thread BLAS settings; this process's environment is restored."""
+    saved = {k: os.environ.get(k) for k in _ONE_THREAD}
+    os.environ.update(_ONE_THREAD)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _await_port(events: Any, server: Any) -> int:
@@ -391,8 +436,34 @@ def expected_sums(cfg: SimConfig, record: Any, fed: Any, model: np.ndarray | Non
     return sums
 
 
+def server_phases(rec: Any, unit: Any) -> dict[str, dict[str, float | None]]:
+    """Per phase, the slowest group's seconds (wall), its own work and the process's CPU while it was
+    open, beside the PRG+add bound of ``secagg bench`` for the work (summing, unmasking)."""
+    from secagg.protocol.bench import server_bounds
+
+    t = rec.timings
+    out: dict[str, dict[str, float | None]] = {}
+    for g, wall in t.get("groups", {}).items():
+        work, cpu = t.get("work", {}).get(g, {}), t.get("cpu", {}).get(g, {})
+        survivors = len(rec.survivors.get("masked_input", {}).get(g, []))
+        bounds = {p.label: b for p, b in server_bounds(unit, survivors=survivors,
+                                                       expansions=t.get("unmask_expansions", {}).get(g, 0)).items()}
+        for ph, seconds in wall.items():
+            w, bound = work.get(ph, 0.0), bounds.get(ph)
+            row = {"seconds": seconds, "work_seconds": w, "cpu_seconds": cpu.get(ph, 0.0), "bound_seconds": bound,
+                   "ratio": w / bound if bound else None}
+            if ph not in out or seconds > out[ph]["seconds"]:  # type: ignore[operator]
+                out[ph] = row
+    return out
+
+
 def summarize(cfg: SimConfig, store: Any, client_rows: list[tuple], fed: Any, dim: int) -> dict[str, Any]:
+    from secagg.protocol.bench import measure_unit_costs
+
     records = list(reversed(store.rounds(limit=cfg.rounds)))
+    bits = {gc["modulus_bits"] for rec in records for gc in rec.settings.get("group_configs", [])} or {32}
+    dtype = np.dtype(np.uint64 if 64 in bits else np.uint32)
+    unit = measure_unit_costs(dim + 2, dtype, repeat=9)   # here, after the run, on the same machine
     per_round = []
     for r, rec in enumerate(records):
         model = store.model(rec.settings["model_version"]).params if fed is not None else None
@@ -413,6 +484,7 @@ def summarize(cfg: SimConfig, store: Any, client_rows: list[tuple], fed: Any, di
             "survivors": {ph: sum(len(v) for v in groups.values()) for ph, groups in rec.survivors.items()},
             "dropouts": len(rec.dropouts),
             "seconds": seconds,
+            "server": server_phases(rec, unit),
             "round_seconds": rec.timings.get("total", 0.0),
             "bytes_sent_per_client": float(np.mean(sent)) if sent else 0.0,
             "bytes_received_per_client": float(np.mean(recv)) if recv else 0.0,
@@ -422,4 +494,5 @@ def summarize(cfg: SimConfig, store: Any, client_rows: list[tuple], fed: Any, di
         if fed is not None and rec.model_version is not None:
             entry.update({k: float(v) for k, v in fed.evaluate(store.model(rec.model_version).params).items() if v is not None})
         per_round.append(entry)
-    return {"config": asdict(cfg), "dim": dim, "rounds": per_round, "correct": all(x["correct"] for x in per_round) and len(per_round) == cfg.rounds}
+    return {"config": asdict(cfg), "dim": dim, "rounds": per_round, "vector_mb": (dim + 2) * dtype.itemsize / 2**20,
+            "unit_costs": {"prg_seconds": unit.prg_seconds, "add_seconds": unit.add_seconds, "dtype": dtype.name}, "correct": all(x["correct"] for x in per_round) and len(per_round) == cfg.rounds}

@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 
 from grpc_harness import async_test, running_server, seed_of, update_of
-from secagg.protocol.messages import Phase
+from secagg.protocol.deadlines import PhaseBudget
+from secagg.protocol.errors import DropReason
+from secagg.protocol.messages import Mode, Phase
+from secagg.protocol.server import ServerMachine
+from test_protocol import machine, make_config
 
 
 # ---- lazy inputs -------------------------------------------------------------------------------
@@ -50,3 +54,47 @@ async def test_lazy_inputs_give_the_same_aggregate_as_eager_ones_for_the_same_se
         # each vector was built after its client had sent both key messages, never before
         assert all(built_after[c] == [Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS] for c in ids), built_after
         assert {o.aggregate_digest for o in (*eager.values(), *lazy.values())} == {first.aggregate_digest}
+
+
+# ---- deadlines that scale with the round ---------------------------------------------------------
+def test_phase_budget_grows_with_members_neighbours_and_vector_size():
+    b = PhaseBudget(base_seconds=30.0, member_seconds=0.01, pair_seconds=0.001, ingest_bytes_per_second=16 << 20)
+    small = b.seconds(Phase.MASKED_INPUT, members=10, degree=9, dim=1_002, word_bytes=4)
+    big = b.seconds(Phase.MASKED_INPUT, members=1000, degree=30, dim=1_000_002, word_bytes=4)
+    assert 30.0 < small < 30.5                  # a small round keeps the default it was meant for
+    assert big > 240.0                          # 4 GB of masked input at 16 MiB/s: 30 s could never fit it
+    assert b.seconds(Phase.ADVERTISE_KEYS, members=1000, degree=30, dim=1_000_002, word_bytes=4) == 30.0 + 10.0
+    assert b.seconds(Phase.SHARE_KEYS, members=1000, degree=30, dim=1_000_002, word_bytes=4) == 30.0 + 10.0 + 30.0
+    grow = [b.seconds(Phase.MASKED_INPUT, members=m, degree=k, dim=d, word_bytes=w)
+            for m, k, d, w in [(100, 10, 10**5, 4), (200, 10, 10**5, 4), (200, 20, 10**5, 4), (200, 20, 10**6, 4), (200, 20, 10**6, 8)]]
+    assert grow == sorted(grow) and len(set(grow)) == len(grow)
+    fixed = PhaseBudget.fixed(30.0)
+    assert {fixed.seconds(p, members=1000, degree=30, dim=10**6, word_bytes=8) for p in Phase} == {30.0}
+
+
+def test_server_machine_deadlines_follow_the_budget_on_injected_time():
+    """No sleeps: the machine is told the time, says when each phase is due, and drops who missed it."""
+    m, dim = 6, (1 << 18) + 2
+    cfg = make_config(m, Mode.SEMI_HONEST, dim=dim)
+    b = PhaseBudget(base_seconds=1.0, member_seconds=0.5, pair_seconds=0.25, ingest_bytes_per_second=float(1 << 20))
+    server = ServerMachine(cfg, phase_seconds=b, now=100.0)
+    clients = {i: machine(cfg, i) for i in range(1, m + 1)}
+    assert server.deadline == 100.0 + 1.0 + m * 0.5                       # advertise: base + members
+    assert not server.ready_to_close(103.99) and server.ready_to_close(104.0)
+    for c in clients.values():
+        server.receive(c.advertise_keys())
+    assert server.ready_to_close(101.0)                                    # everyone answered: no need to wait
+    out = server.close_phase(now=101.0)
+    share_deadline = 101.0 + 1.0 + m * 0.5 + m * (m - 1) * 0.25            # + members x neighbours
+    assert server.deadline == share_deadline
+    for i in range(1, m):                                                   # member m never shares its keys
+        server.receive(clients[i].share_keys(out[i]))
+    assert not server.ready_to_close(share_deadline - 0.01)
+    assert server.ready_to_close(share_deadline)
+    server.close_phase(now=share_deadline)
+    assert server.dropouts[m][1] is DropReason.TIMEOUT
+    vector_bytes = dim * 4
+    assert server.deadline == share_deadline + 1.0 + m * 0.5 + m * (m - 1) * 0.25 + m * vector_bytes / (1 << 20)
+    # the same group with one fixed deadline: the masked input would get 1 s for 6 MiB at 1 MiB/s
+    fixed = ServerMachine(cfg, phase_seconds=1.0, now=100.0)
+    assert fixed.deadline == 101.0 and fixed.budget == PhaseBudget.fixed(1.0)
