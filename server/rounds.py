@@ -139,6 +139,7 @@ class GroupRun:
     # CPU seconds (all threads: TLS, HTTP/2, protobuf) while the phase was open
     work: dict[str, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
+    bytes_in: dict[str, int] = field(default_factory=dict)   # message bytes received per phase
     survivors: dict[str, list[str]] = field(default_factory=dict)
     error: str = ""
     closing: bool = False        # the final phase is being closed in a worker thread
@@ -259,6 +260,8 @@ class Coordinator:
                                f"{kind} of {size} bytes exceeds the {MAX_CLIENT_MESSAGE_BYTES} byte limit; send smaller chunks")
         i = session.index
         phase = _PHASE_OF_KIND.get(kind)
+        if phase is not None:
+            group.bytes_in[phase.label] = group.bytes_in.get(phase.label, 0) + size
         t0 = time.thread_time()   # CPU time of this thread: immune to other processes taking the core
         try:
             if kind == "masked_input":
@@ -551,6 +554,7 @@ class Coordinator:
             "aggregate_digest": sums_digest({n: s for n, (s, _) in sums.items()}) if sums else None,
             "timings": {"total": seconds, "groups": {str(g.number): g.timings for g in groups},
                         "work": {str(g.number): g.work for g in groups}, "cpu": {str(g.number): g.cpu for g in groups},
+                        "bytes_in": {str(g.number): g.bytes_in for g in groups},
                         "unmask_expansions": {str(g.number): g.machine.unmask_expansions for g in groups},
                         "group_errors": {str(g.number): g.error for g in groups if g.error}},
             "model_version": version,

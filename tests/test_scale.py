@@ -4,6 +4,9 @@ words on the wire at the modulus width, and the per-phase bound ratios ``secagg 
 from __future__ import annotations
 
 import asyncio
+import json
+
+import pytest
 
 from grpc_harness import async_test, running_server, seed_of, update_of
 from secagg.protocol.deadlines import PhaseBudget
@@ -98,3 +101,48 @@ def test_server_machine_deadlines_follow_the_budget_on_injected_time():
     # the same group with one fixed deadline: the masked input would get 1 s for 6 MiB at 1 MiB/s
     fixed = ServerMachine(cfg, phase_seconds=1.0, now=100.0)
     assert fixed.deadline == 101.0 and fixed.budget == PhaseBudget.fixed(1.0)
+
+
+# ---- words on the wire -------------------------------------------------------------------------
+@pytest.mark.parametrize("precision_bits, word_bytes", [(16, 4), (40, 8)])
+@async_test
+async def test_masked_input_bytes_per_coordinate_are_the_modulus_width(tmp_path, precision_bits, word_bytes):
+    """What the server received in the masked-input phase, over real gRPC: each survivor's d + 2
+    words at the modulus width (4 bytes at 32 bits, never 8) plus a few bytes of framing per chunk."""
+    n, dim, chunk = 4, 3000, 1024
+    async with running_server(tmp_path, n, dim=dim, chunk_words=chunk, precision_bits=precision_bits) as h:
+        outs = await h.participate([f"c{i}" for i in range(n)])
+        assert all(o.ok for o in outs.values()), outs
+        rec = h.record()
+        assert rec.settings["group_configs"][0]["modulus_bits"] == 8 * word_bytes
+        received = rec.timings["bytes_in"]["0"]["masked_input"]
+        words = n * (dim + 2)
+        chunks = n * -(-(dim + 2) // chunk)
+        assert words * word_bytes <= received <= words * word_bytes + 16 * chunks
+        assert received < words * (word_bytes + 1)
+
+
+# ---- what simulate --json reports ----------------------------------------------------------------
+def test_simulate_json_reports_server_work_beside_its_bound_and_peak_rss(tmp_path, capsys):
+    from secagg.cli.main import main
+
+    out = tmp_path / "summary.json"
+    code = main(["simulate", "--clients", "6", "--groups", "1", "--dim", "5000", "--rounds", "1", "--dropout", "0",
+                 "--processes", "2", "--json", str(out)])
+    capsys.readouterr()
+    assert code == 0
+    summary = json.loads(out.read_text())
+    server = summary["rounds"][0]["server"]
+    for phase in ("masked_input", "unmasking"):
+        row = server[phase]
+        assert row["bound_seconds"] > 0 and row["work_seconds"] > 0
+        assert row["ratio"] == pytest.approx(row["work_seconds"] / row["bound_seconds"])
+        assert row["work_seconds"] <= row["seconds"] + 0.05   # the work happened while the phase was open
+    assert set(server) >= {"advertise_keys", "share_keys", "masked_input", "unmasking"}
+    unit = summary["unit_costs"]
+    # the bound is the one secagg bench uses: one addition per survivor, one PRG+add per expansion
+    assert server["masked_input"]["bound_seconds"] == pytest.approx(6 * unit["add_seconds"])
+    assert server["unmasking"]["bound_seconds"] == pytest.approx(6 * (unit["prg_seconds"] + unit["add_seconds"]))
+    assert summary["server_peak_rss_mb"] > 10
+    assert len(summary["worker_peak_rss_mb"]) == 2 and min(summary["worker_peak_rss_mb"]) > 10
+    assert summary["vector_mb"] == pytest.approx(5002 * 4 / 2**20)
