@@ -238,10 +238,13 @@ class Coordinator:
         session.abort(code, message)
 
     # -- incoming messages --------------------------------------------------------------------
-    async def handle(self, session: Session, msg: pb.ClientMessage, size: int | None = None, parse_seconds: float = 0.0) -> None:
-        """``size``: the message's length on the wire when the caller knows it (ByteSize serialises);
-        ``parse_seconds``: what parsing it took, counted as the phase's work."""
-        kind = msg.WhichOneof("body")
+    async def handle(self, session: Session, msg: pb.ClientMessage | convert.ChunkView, size: int | None = None,
+                     parse_seconds: float = 0.0) -> None:
+        """``msg``: a parsed message, or a masked-input chunk read in place (``convert.masked_chunk_view``);
+        ``size``: its length on the wire when the caller knows it (ByteSize serialises);
+        ``parse_seconds``: what reading it took, counted as the phase's work."""
+        view = msg if isinstance(msg, convert.ChunkView) else None
+        kind = "masked_input" if view is not None else msg.WhichOneof("body")  # type: ignore[union-attr]
         group = session.group
         if kind is None:
             return self.reject(session, DropReason.MALFORMED, "empty message: set one field of ClientMessage.body")
@@ -254,7 +257,7 @@ class Coordinator:
         if group.closing:
             return self.reject(session, DropReason.OUT_OF_PHASE, f"{kind} after the group's last phase closed")
         if size is None:
-            size = msg.ByteSize()
+            size = msg.ByteSize()  # type: ignore[union-attr]   (a view always comes with its size)
         if size > MAX_CLIENT_MESSAGE_BYTES:
             return self.reject(session, DropReason.OVERSIZED,
                                f"{kind} of {size} bytes exceeds the {MAX_CLIENT_MESSAGE_BYTES} byte limit; send smaller chunks")
@@ -265,7 +268,8 @@ class Coordinator:
         t0 = time.thread_time()   # CPU time of this thread: immune to other processes taking the core
         try:
             if kind == "masked_input":
-                t0 = await self._chunk(group, i, msg.masked_input)   # from when it holds a slot: waiting is not work
+                chunk = view if view is not None else msg.masked_input  # type: ignore[union-attr]
+                t0 = await self._chunk(group, i, chunk)   # from when it holds a slot: waiting is not work
             elif kind == "advertise_keys":
                 group.machine.receive(convert.advertise_from_pb(i, msg.advertise_keys, session.identity))
             elif kind == "share_keys":
@@ -285,7 +289,7 @@ class Coordinator:
                 group.account(phase, parse_seconds + time.thread_time() - t0)
             group.changed.set()
 
-    async def _chunk(self, group: GroupRun, i: int, chunk: pb.MaskedInputChunk) -> float:
+    async def _chunk(self, group: GroupRun, i: int, chunk: pb.MaskedInputChunk | convert.ChunkView) -> float:
         """Assemble one chunk (and add a completed vector to the sum); returns when its work began."""
         m = group.machine
         if i in m.received[Phase.MASKED_INPUT]:

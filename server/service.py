@@ -19,6 +19,7 @@ from secagg.protocol.errors import DropReason, RemoteProtocolError
 from secagg.protocol.signatures import verify
 from secagg.v1 import secagg_pb2 as pb
 from secagg.v1 import secagg_pb2_grpc as pb_grpc
+from secagg.wire import convert
 from secagg.wire.identity import CLIENT_ID, NONCE_BYTES, READ_WINDOW_SECONDS, PKIError, certificate_binding, hello_message, read_message
 
 from .config import ConfigError, ServerConfig
@@ -149,7 +150,8 @@ class SecAggServicer(pb_grpc.SecAggServicer):
                                                 f"(the round limit is {MAX_CLIENT_MESSAGE_BYTES}); send smaller chunks")
                     break
                 t0 = time.thread_time()
-                msg, problem = _parse(pb.ClientMessage, data, MAX_CLIENT_MESSAGE_BYTES, "a round message")
+                view = convert.masked_chunk_view(data) if isinstance(data, bytes) and len(data) <= MAX_CLIENT_MESSAGE_BYTES else None
+                msg, problem = (view, None) if view is not None else _parse(pb.ClientMessage, data, MAX_CLIENT_MESSAGE_BYTES, "a round message")
                 parsed = time.thread_time() - t0
                 if problem is not None:
                     code, reason = problem

@@ -13,6 +13,8 @@ from secagg.protocol.deadlines import PhaseBudget
 from secagg.protocol.errors import DropReason
 from secagg.protocol.messages import Mode, Phase
 from secagg.protocol.server import ServerMachine
+from secagg.v1 import secagg_pb2 as pb
+from secagg.wire import convert
 from test_protocol import machine, make_config
 
 
@@ -146,3 +148,33 @@ def test_simulate_json_reports_server_work_beside_its_bound_and_peak_rss(tmp_pat
     assert summary["server_peak_rss_mb"] > 10
     assert len(summary["worker_peak_rss_mb"]) == 2 and min(summary["worker_peak_rss_mb"]) > 10
     assert summary["vector_mb"] == pytest.approx(5002 * 4 / 2**20)
+
+
+# ---- the masked-input chunk read in place ------------------------------------------------------
+@pytest.mark.parametrize("offset, words, last", [(0, b"", False), (0, bytes(range(8)), True), (123_456, b"\xff" * 4096, False),
+                                                 ((1 << 64) - 1, b"\x01\x02\x03\x04", True)])
+def test_chunk_view_reads_exactly_what_the_full_parse_reads(offset, words, last):
+    data = pb.ClientMessage(masked_input=pb.MaskedInputChunk(offset=offset, words=words, last=last)).SerializeToString()
+    view = convert.masked_chunk_view(data)
+    full = pb.ClientMessage.FromString(data).masked_input
+    assert view is not None
+    assert (view.offset, bytes(view.words), view.last) == (full.offset, full.words, full.last)
+
+
+def test_chunk_view_leaves_every_other_layout_to_the_full_parser():
+    """Other messages, unknown or repeated fields, fields out of order, trailing bytes, truncation:
+    the in-place reader declines (None) and the service parses the message in full, as before."""
+    chunk = pb.MaskedInputChunk(offset=7, words=b"\x00" * 8, last=True)
+    canonical = pb.ClientMessage(masked_input=chunk).SerializeToString()
+    inner = chunk.SerializeToString()
+    unknown = inner + b"\x20\x01"                              # field 4 of MaskedInputChunk does not exist
+    repeated = inner + b"\x08\x09"                             # offset again (protobuf: the last one wins)
+    reordered = b"\x18\x01" + b"\x12\x08" + b"\x00" * 8 + b"\x08\x07"
+    def wrap(body: bytes) -> bytes:
+        return b"\x22" + bytes([len(body)]) + body
+    cases = [pb.ClientMessage(advertise_keys=pb.AdvertiseKeys(c_public=b"x" * 32)).SerializeToString(),
+             wrap(unknown), wrap(repeated), wrap(reordered), canonical + b"\x00", canonical[:-1],
+             wrap(inner.replace(b"\x18\x01", b"\x18\x02")), b"\x22\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"]
+    for data in cases:
+        assert convert.masked_chunk_view(data) is None, data[:16]
+    assert pb.ClientMessage.FromString(wrap(repeated)).masked_input.offset == 9   # what the full parse makes of it

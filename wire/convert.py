@@ -7,6 +7,7 @@ into a well-formed core message; semantic checks are the state machines' job.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -200,3 +201,57 @@ def masked_input_chunks(vector: np.ndarray, chunk_words: int) -> Iterator[pb.Cli
     for start in range(0, n, chunk_words):
         stop = min(n, start + chunk_words)
         yield pb.ClientMessage(masked_input=pb.MaskedInputChunk(offset=start, words=words_to_bytes(vector[start:stop]), last=stop == n))
+
+
+# ---- the hot message, read in place --------------------------------------------------------
+class ChunkView(NamedTuple):
+    """A masked-input chunk read in place: ``words`` is a view into the received bytes."""
+
+    offset: int
+    words: memoryview
+    last: bool
+
+
+_CHUNK_TAG, _OFFSET_TAG, _WORDS_TAG, _LAST_TAG = 0x22, 0x08, 0x12, 0x18   # ClientMessage.masked_input = 4; its fields 1, 2, 3
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(data) and shift < 64:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("bad varint")
+
+
+def masked_chunk_view(data: bytes) -> ChunkView | None:
+    """The masked-input chunk of a serialised ClientMessage without parsing or copying its words
+    (a full parse copies each chunk twice: into upb's arena, then into a bytes object).  Only the
+    layout our serialiser writes is read here (fields in order, each at most once, nothing else);
+    for anything else, or any other message, None: the caller parses it in full, as before."""
+    try:
+        if len(data) < 2 or data[0] != _CHUNK_TAG:
+            return None
+        size, pos = _varint(data, 1)
+        if pos + size != len(data):
+            return None
+        offset, last, start, stop = 0, False, pos, pos
+        if pos < len(data) and data[pos] == _OFFSET_TAG:
+            offset, pos = _varint(data, pos + 1)
+        if pos < len(data) and data[pos] == _WORDS_TAG:
+            length, pos = _varint(data, pos + 1)
+            start, stop = pos, pos + length
+            pos = stop
+        if pos < len(data) and data[pos] == _LAST_TAG:
+            flag, pos = _varint(data, pos + 1)
+            if flag > 1:
+                return None
+            last = flag == 1
+        if pos != len(data) or offset >= 1 << 64:
+            return None
+    except ValueError:
+        return None
+    return ChunkView(offset, memoryview(data)[start:stop], last)
