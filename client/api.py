@@ -47,6 +47,7 @@ from .tls import fetch_server_certificate, pem
 
 log = logging.getLogger("secagg.client")
 MAX_MESSAGE_BYTES = 8 << 20
+EPOCHS_REMEMBERED = 64   # (server, epoch) member sets kept per client object, oldest dropped first
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,7 @@ class AsyncClient:
         self._channel: grpc.aio.Channel | None = None
         self._server_der: bytes | None = None
         self._last_read_ms = 0
+        self._epoch_members: dict[tuple[bytes, int], tuple[str, ...]] = {}   # (server binding, epoch) -> our group's members
         if not isinstance(s.policy, ClientPolicy):
             raise ClientError("policy must be a secagg.client.ClientPolicy")
 
@@ -447,6 +449,10 @@ class AsyncClient:
             params = convert.encoding_from_pb(rc.encoding)
             if cfg.member_ids[rc.index - 1] != s.client_id:
                 raise AbortError(f"the round configuration seats {cfg.member_ids[rc.index - 1]!r} where we are; refusing")
+            s.policy.check_grouping(rc.grouping, rc.epoch, rc.member_ids, self._epoch_members.get((binding, rc.epoch)))
+            self._epoch_members[(binding, rc.epoch)] = tuple(sorted(rc.member_ids))
+            while len(self._epoch_members) > EPOCHS_REMEMBERED:
+                del self._epoch_members[next(iter(self._epoch_members))]
         except (convert.WireError, AbortError) as exc:
             await self._write(call, pb.ClientMessage(abort=pb.ClientAbort(reason=str(exc)[:200])))
             if isinstance(exc, PolicyViolation):

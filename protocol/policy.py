@@ -14,6 +14,7 @@ floor of 5, and bounds on members and dimension.  Relaxing one is explicit::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from . import graph, thresholds
@@ -38,6 +39,7 @@ class ClientPolicy:
     max_members: int = 10_000            # refuse (and allocate nothing for) larger groups
     max_dim: int = 1 << 25               # encoded words the client will mask
     min_chunk_words: int = 1024          # refuse a server that asks for tinier masked-input chunks (a message per word)
+    allow_regrouping: bool = False       # accept reshuffled groups, or a group that changes inside an epoch
 
     def __post_init__(self) -> None:
         if self.min_group_size < 2:
@@ -55,7 +57,8 @@ class ClientPolicy:
     @classmethod
     def lenient(cls) -> ClientPolicy:
         """For simulations against an honest in-memory server only; never for apps."""
-        return cls(allow_semi_honest=True, threshold_floor=Mode.SEMI_HONEST, min_neighbors=2, min_group_size=2, min_chunk_words=1)
+        return cls(allow_semi_honest=True, threshold_floor=Mode.SEMI_HONEST, min_neighbors=2, min_group_size=2, min_chunk_words=1,
+                   allow_regrouping=True)
 
     def replace(self, **changes: object) -> ClientPolicy:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -67,6 +70,20 @@ class ClientPolicy:
         """The transport's chunk size is the server's choice too; a tiny one costs a message per word."""
         if chunk_words < self.min_chunk_words:
             raise PolicyViolation("chunk_words", chunk_words, f"at least {self.min_chunk_words} (min_chunk_words)")
+
+    def check_grouping(self, grouping: str, epoch: int, members: Collection[str], remembered: Collection[str] | None) -> None:
+        """Groups fixed per epoch are what stop least squares over many rounds' group sums from
+        recovering our update: refuse reshuffled groups, and a group whose members differ from the
+        ones we had earlier in the same epoch (``remembered``), unless ``allow_regrouping``."""
+        if self.allow_regrouping:
+            return
+        if grouping != "stable":
+            raise PolicyViolation("grouping", grouping or "unstated",
+                                  "stable groups per epoch (allow_regrouping=True accepts reshuffled groups)")
+        if remembered is not None and set(members) != set(remembered):
+            joined, left = sorted(set(members) - set(remembered)), sorted(set(remembered) - set(members))
+            raise PolicyViolation("grouping", f"changed inside epoch {epoch} ({len(joined)} member(s) new, {len(left)} gone)",
+                                  f"the members this client had earlier in epoch {epoch} (allow_regrouping=True accepts a change)")
 
     def check(self, config: GroupConfig, *, pinned: bool = False) -> None:
         """Raise PolicyViolation unless ``config`` is at least as strong as this policy."""

@@ -20,6 +20,7 @@ from secagg.protocol import thresholds
 from secagg.protocol.deadlines import PhaseBudget
 from secagg.protocol.encoding import EncodingParams
 from secagg.protocol.messages import Mode
+from secagg.protocol.plan import GROUPINGS, PlanSettings
 from secagg.protocol.robust import RULES
 
 
@@ -48,7 +49,11 @@ class ServerConfig:
     min_clients: int = 5               # a round starts once this many clients wait (default clients refuse groups below 5)...
     max_clients: int = 1000            # ...and takes at most this many
     lobby_seconds: float = 2.0         # how long to wait for more clients after min_clients
-    groups: int = 1                    # secure-aggregation groups per round
+    groups: int = 1                    # secure-aggregation groups per round (per epoch under stable grouping)
+    grouping: str = "stable"           # "stable": groups fixed for epoch_rounds rounds; "reshuffle": new groups every round
+    epoch_rounds: int = 10             # rounds per epoch under stable grouping
+    sample_rate: float = 0.0           # Poisson sampling rate q in (0, 1]; 0 = every connected client (or sample_size)
+    sample_size: int = 0               # fixed-size sampling: this many clients per round; 0 = off
     mode: str = "active"               # or "semi-honest" (clients refuse it unless they opt in)
     neighbors: int = 0                 # 0 = complete graph; else SecAgg+ degree k (even), raised to the recommended degree
     threshold: float = 0.0             # 0 = safe minimum; <1 a fraction of holders; >=1 absolute
@@ -67,6 +72,11 @@ class ServerConfig:
     rule: str = "mean"
     byzantine_groups: int = 0          # f for the robust rule
     rule_params: dict[str, Any] = field(default_factory=dict)
+    # privacy accounting
+    noise_multiplier: float = 0.0      # DP noise (sum's stddev / L2 sensitivity) the round charges; 0 = no DP
+    dp_mechanism: str = "gaussian"     # the accounted mechanism: gaussian (distributed discrete), skellam, continuous-gaussian
+    epsilon_budget: float = 0.0        # refuse to start a round that would take the cumulative epsilon above this; 0 = no budget
+    delta: float = 1e-6                # the delta every epsilon is stated at
 
     def validate(self) -> ServerConfig:
         check_schema(self)   # types and ranges of every field, derived from the annotations above
@@ -102,6 +112,7 @@ class ServerConfig:
         if not 1 <= self.chunk_words <= 1 << 19:
             raise ConfigError("chunk_words must be in 1..524288 (at most 4 MiB a chunk with 64-bit words)")
         self._check_threshold()
+        self._check_plan()
         if self.rule not in RULES:
             raise ConfigError(f"unknown rule {self.rule!r}; choose one of {', '.join(RULES)}")
         try:
@@ -137,6 +148,24 @@ class ServerConfig:
             if int(t) < thresholds.minimum(holders, mode) or int(t) > holders:
                 raise ConfigError(f"threshold {int(t)} does not fit groups of {size}: it must be in "
                                   f"{thresholds.minimum(holders, mode)}..{holders} (or use 0 for the safe minimum)")
+
+    def _check_plan(self) -> None:
+        if self.sample_rate and self.sample_size:
+            raise ConfigError(f"sample_rate ({self.sample_rate}) and sample_size ({self.sample_size}) are two sampling modes: "
+                              "set one (Poisson with rate q, or a fixed number of clients), not both")
+        if self.sample_size and self.sample_size > self.max_clients:
+            raise ConfigError(f"sample_size {self.sample_size} exceeds max_clients {self.max_clients}: a round cannot sample more "
+                              "clients than it takes")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.epsilon_budget and not self.noise_multiplier:
+            raise ConfigError(f"epsilon_budget {self.epsilon_budget:g} needs DP noise: set noise_multiplier > 0 "
+                              "(without noise every round's epsilon is infinite)")
+
+    @property
+    def plan_settings(self) -> PlanSettings:
+        return PlanSettings(groups=self.groups, grouping=self.grouping, epoch_rounds=self.epoch_rounds,
+                            sample_rate=self.sample_rate, sample_size=self.sample_size)
 
     @property
     def phase_budget(self) -> PhaseBudget:
@@ -239,6 +268,14 @@ _ALLOWED: dict[str, Allowed] = {
     "max_clients": Allowed(lo=3, text="at least 3 (and >= min_clients)"),
     "lobby_seconds": Allowed(lo=0),
     "groups": Allowed(lo=1, text="at least 1"),
+    "grouping": Allowed(choices=GROUPINGS),
+    "epoch_rounds": Allowed(lo=1, text="at least 1"),
+    "sample_rate": Allowed(lo=0, hi=1, text="in (0, 1] (0: no Poisson sampling)"),
+    "sample_size": Allowed(lo=0, text=">= 0 (0: no fixed-size sampling)"),
+    "noise_multiplier": Allowed(lo=0, text=">= 0 (0: no DP noise)"),
+    "dp_mechanism": Allowed(choices=("gaussian", "skellam", "continuous-gaussian")),
+    "epsilon_budget": Allowed(lo=0, text=">= 0 (0: no budget)"),
+    "delta": Allowed(lo=0, hi=1, lo_open=True, text="in (0, 1)"),
     "mode": Allowed(choices=("active", "semi-honest")),
     "neighbors": Allowed(lo=0, text="0 (complete graph) or an even number >= 2"),
     "threshold": Allowed(lo=0, text=">= 0 (0: the safe minimum; < 1 a fraction; >= 1 absolute)"),

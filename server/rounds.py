@@ -17,6 +17,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
+from collections.abc import Collection
 from typing import Any
 
 import grpc
@@ -26,6 +27,7 @@ from secagg.protocol import graph, thresholds
 from secagg.protocol.aggregation import combine_groups, sums_digest
 from secagg.protocol.errors import AbortError, DropReason, LocalProtocolError, RemoteProtocolError
 from secagg.protocol.messages import GroupConfig, MaskedInput, Mode, Phase
+from secagg.protocol.plan import RoundPlan, make_plan
 from secagg.protocol.server import ServerMachine, ServerState
 from secagg.v1 import secagg_pb2 as pb
 from secagg.wire import convert
@@ -106,6 +108,32 @@ class AlreadyConnected(Exception):
     pass
 
 
+class BudgetExhausted(Exception):
+    """The next round would take the cumulative epsilon above the configured budget."""
+
+
+@dataclass
+class EpochState:
+    number: int
+    seed: bytes
+    population: tuple[str, ...] | None   # fixed at the epoch's first round (stable grouping)
+    settings: dict[str, Any] | None = None   # the plan settings it was drawn under (a restart with others starts a new epoch)
+
+
+def _resume(store: Store) -> tuple[int, EpochState | None]:
+    """The next round number and the current epoch, from the newest round record that has a plan:
+    a restart continues the epoch with the same groups instead of drawing new ones."""
+    for rec in store.rounds(limit=50):
+        plan = rec.settings.get("plan")
+        if isinstance(plan, dict) and "round_number" in plan:
+            started = plan.get("started", True)   # a round refused by the budget did not use its number
+            population = tuple(plan["population"]) if plan.get("grouping") == "stable" else None
+            keys = ("groups", "grouping", "epoch_rounds", "sampling", "sample_rate", "sample_size", "min_group")
+            epoch = EpochState(int(plan["epoch"]), bytes.fromhex(plan["epoch_seed"]), population, {k: plan.get(k) for k in keys})
+            return int(plan["round_number"]) + bool(started), epoch
+    return 0, None
+
+
 def _for_member(announced: pb.RoundConfig, index: int) -> pb.RoundConfig:
     rc = pb.RoundConfig()
     rc.CopyFrom(announced)
@@ -182,6 +210,64 @@ class Coordinator:
         self._groups: list[GroupRun] = []
         self.metrics: Any = None   # ops.Metrics when the server serves metrics: counts every event recorded below
         self.preauth = RejectionLimiter(self._event)   # rejections before the hello is verified
+        self.exhausted = ""        # why no round will start again (the privacy budget), once that is so
+        self.privacy: Any = None   # the privacy accountant over the recorded rounds (budget.Privacy), when DP is on
+        self.round_number, self._epoch = _resume(store)
+
+    # -- the plan -------------------------------------------------------------------------------
+    def _epoch_for(self, round_number: int) -> EpochState:
+        """This round's epoch: the current one, or a new one with a fresh seed from ``secrets``
+        (its population is fixed by the epoch's first plan)."""
+        settings = self.cfg.plan_settings
+        number = settings.epoch_of(round_number)
+        if self._epoch is None or self._epoch.number != number or self._epoch.settings not in (None, settings.as_dict()):
+            self._epoch = EpochState(number, secrets.token_bytes(32), None, settings.as_dict())
+        return self._epoch
+
+    def _needed(self) -> set[str] | None:
+        """Mid-epoch: the members of the groups the next round samples (wait for them, not for max_clients)."""
+        ep = self._epoch_for(self.round_number)
+        if ep.population is None:
+            return None
+        plan = make_plan(self.cfg.plan_settings, self.round_number, ep.seed, present=ep.population, population=ep.population)
+        return set(plan.cohort)
+
+    def _plan(self, lobby: list[Session]) -> RoundPlan:
+        ep = self._epoch_for(self.round_number)
+        present = [s.client_id for s in lobby]
+        if ep.population is None:   # the epoch's first round: its population is who is here (at most max_clients)
+            present = present[: self.cfg.max_clients]
+        plan = make_plan(self.cfg.plan_settings, self.round_number, ep.seed, present=present, population=ep.population)
+        if ep.population is None and self.cfg.grouping == "stable":
+            ep.population = plan.population
+        return plan
+
+    async def _record_empty_round(self, round_id: str, plan: RoundPlan) -> str:
+        """A round whose plan runs no group (sampling drew too few, or every sampled group missed a
+        member): recorded, so the draw is on the ledger, and nothing is released."""
+        settings = self.cfg.settings() | {"plan": plan.record()}
+        self.store.begin_round(round_id, settings, [], [])
+        reason = f"no group runs this round: {plan.note or 'nothing sampled'}"
+        self.store.finish_round(round_id, "aborted", error=reason)
+        log.info("%s (round %d, epoch %d): %s", round_id, plan.round_number, plan.epoch, reason)
+        self.last_outcome = "aborted"
+        self.rounds_done += 1
+        await asyncio.sleep(self.cfg.lobby_seconds)   # paced: an empty draw must not spin the event loop
+        return round_id
+
+    def _refuse_round(self, round_id: str, plan: RoundPlan, reason: str) -> str:
+        """The round would exceed the privacy budget: not started.  Recorded as an event and a
+        failed round record (nothing released), logged, and everyone waiting is told why."""
+        settings = self.cfg.settings() | {"plan": plan.record() | {"started": False}, "privacy": self.privacy.summary()}
+        self.store.begin_round(round_id, settings, [], [])
+        self.store.finish_round(round_id, "failed", error=reason)
+        log.warning("%s not started: %s", round_id, reason)
+        self._event(round_id, None, "budget_refused", grpc.StatusCode.RESOURCE_EXHAUSTED.name, reason)
+        self.exhausted = reason
+        for sess in list(self.lobby.values()):
+            sess.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+        self.last_outcome = "failed"
+        raise BudgetExhausted(reason)
 
     # -- sessions -----------------------------------------------------------------------------
     def connect(self, session: Session) -> None:
@@ -189,6 +275,9 @@ class Coordinator:
             raise AlreadyConnected(session.client_id)
         self.sessions[session.client_id] = session
         self.lobby[session.client_id] = session
+        if self.exhausted:   # no round will start again: say why at once instead of a long lobby wait
+            session.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.exhausted)
+            return
         self._joined.set()
         log.info("%s joined the lobby: %s", session.client_id, self.lobby_summary())
 
@@ -369,26 +458,31 @@ class Coordinator:
     def _live(self) -> list[Session]:
         return [s for s in self.lobby.values() if not s.closed]
 
-    async def wait_for_cohort(self) -> list[Session]:
-        """At least min_clients live sessions (a group never shrinks below what was promised)."""
+    async def wait_for_lobby(self, needed: Collection[str] | None = None) -> list[Session]:
+        """At least min_clients live sessions, then up to lobby_seconds more for max_clients of them
+        (or, mid-epoch, until every member of the sampled groups, ``needed``, is here)."""
         cfg = self.cfg
         while True:
             while len(self._live()) < cfg.min_clients:
                 self._joined.clear()
                 await self._joined.wait()
             deadline = time.monotonic() + cfg.lobby_seconds
-            while len(self._live()) < cfg.max_clients and (left := deadline - time.monotonic()) > 0:
+
+            def enough() -> bool:
+                live = self._live()
+                if needed is not None:
+                    return set(needed) <= {s.client_id for s in live}
+                return len(live) >= cfg.max_clients
+
+            while not enough() and (left := deadline - time.monotonic()) > 0:
                 self._joined.clear()
                 try:
                     await asyncio.wait_for(self._joined.wait(), left)
                 except TimeoutError:
                     break
-            cohort = self._live()[: cfg.max_clients]
-            if len(cohort) >= cfg.min_clients:   # someone may have left while we waited
-                break
-        for s in cohort:
-            del self.lobby[s.client_id]
-        return cohort
+            live = self._live()
+            if len(live) >= cfg.min_clients:   # someone may have left while we waited
+                return live
 
     def _threshold(self, holders: int, mode: Mode) -> int:
         t = self.cfg.threshold
@@ -406,7 +500,7 @@ class Coordinator:
         k = max(self.cfg.neighbors, graph.recommended_degree(size))
         return k if k < size - 1 else None
 
-    def _round_config_pb(self, round_id: str, number: int, members: list[Session], model_version: int) -> pb.RoundConfig:
+    def _round_config_pb(self, round_id: str, number: int, members: list[Session], model_version: int, plan: RoundPlan) -> pb.RoundConfig:
         """Everything a member is told, index aside; the GroupConfig is derived from it as a client derives it."""
         cfg = self.cfg
         size = len(members)
@@ -420,25 +514,37 @@ class Coordinator:
             encoding=convert.encoding_to_pb(cfg.encoding), model_version=model_version,
             phase_timeout_seconds=cfg.phase_seconds, chunk_words=cfg.chunk_words,
             member_ids=[s.client_id for s in members], commitments=[s.commitment for s in members],
+            round_number=plan.round_number, epoch=plan.epoch, epoch_rounds=plan.settings.rounds_per_epoch,
+            grouping=plan.settings.grouping,
         )
 
     async def run_round(self) -> str:
         """Wait for a cohort, run one round for all its groups, record it; returns the round id."""
         cfg = self.cfg
         try:
-            cohort = await self.wait_for_cohort()
+            lobby = await self.wait_for_lobby(self._needed())
         except asyncio.CancelledError:   # shutdown: the lobby hears why, not a broken stream
             for sess in list(self.lobby.values()):
                 sess.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; try again once it is back")
             raise
-        secrets.SystemRandom().shuffle(cohort)
-        parts = [list(p) for p in np.array_split(np.array(cohort, dtype=object), cfg.groups) if len(p)]
+        plan = self._plan(lobby)
         round_id = f"round-{int(time.time())}-{secrets.token_hex(3)}"
+        refusal = self.privacy.refusal(plan) if self.privacy is not None else None
+        if refusal is not None:
+            return self._refuse_round(round_id, plan, refusal)
+        self.round_number = plan.round_number + 1
+        if not plan.groups:   # nothing runs: recorded (the seeds were drawn), then the next round
+            return await self._record_empty_round(round_id, plan)
+        by_id = {s.client_id: s for s in lobby}
+        parts = [[by_id[c] for c in g] for g in plan.groups]
+        cohort = [s for g in parts for s in g]
+        for s in cohort:
+            del self.lobby[s.client_id]
         self.round_id = round_id
         model = await asyncio.to_thread(self.store.model)
         groups: list[GroupRun] = []
         for number, members in enumerate(parts):
-            rc = self._round_config_pb(round_id, number, members, model.version)
+            rc = self._round_config_pb(round_id, number, members, model.version, plan)
             gc = convert.group_config_from_pb(_for_member(rc, 1))   # derived exactly as the members derive it
             rc.phase_timeout_seconds = cfg.phase_budget.longest(gc)   # deadlines grow with the group's work: clients wait as long
             sessions = {i + 1: s for i, s in enumerate(members)}
@@ -450,12 +556,15 @@ class Coordinator:
                 s.group, s.index = g, i
             groups.append(g)
         self._groups = groups
-        settings = cfg.settings() | {"model_version": model.version, "group_configs": [
+        settings = cfg.settings() | {"plan": plan.record(), "model_version": model.version, "group_configs": [
             {"group": g.number, "members": g.config.members, "threshold": g.config.threshold, "neighbors": g.config.neighbors,
              "modulus_bits": g.config.modulus_bits, "session": g.config.session.hex(), "config_digest": g.config.digest.hex(),
              "commitments": [c.hex() for c in g.config.commitments]} for g in groups]}
+        if self.privacy is not None:
+            settings["privacy"] = self.privacy.charge(plan, [g.config for g in groups])
         self.store.begin_round(round_id, settings, [s.client_id for s in cohort], [[s.client_id for s in g.members.values()] for g in groups])
-        log.info("%s: %d clients in %d groups", round_id, len(cohort), len(groups))
+        log.info("%s: %d clients in %d groups (round %d, epoch %d, %s grouping, %s sampling)%s", round_id, len(cohort), len(groups),
+                 plan.round_number, plan.epoch, plan.settings.grouping, plan.settings.sampling, f"; {plan.note}" if plan.note else "")
         t0 = time.monotonic()
         for g in groups:
             for i, s in g.members.items():

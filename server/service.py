@@ -25,7 +25,7 @@ from secagg.wire.identity import CLIENT_ID, NONCE_BYTES, READ_WINDOW_SECONDS, PK
 from .config import ConfigError, ServerConfig
 from .ledger import LedgerError, LedgerKeyError, default_key_path, open_for_server
 from .ops import DatabaseLock, Metrics, add_health_and_reflection, check_extra, port_taken, set_serving
-from .rounds import MAX_CLIENT_MESSAGE_BYTES, MAX_PREAUTH_MESSAGE_BYTES, AlreadyConnected, Coordinator
+from .rounds import MAX_CLIENT_MESSAGE_BYTES, MAX_PREAUTH_MESSAGE_BYTES, AlreadyConnected, BudgetExhausted, Coordinator
 from .session import Abort, Session
 from .store import Store, StoreError
 
@@ -375,7 +375,11 @@ async def start(cfg: ServerConfig, *, on_round: Callable[[str], None] | None = N
 
     async def loop() -> None:
         while not cfg.rounds or coordinator.rounds_done < cfg.rounds:
-            rid = await coordinator.run_round()
+            try:
+                rid = await coordinator.run_round()
+            except BudgetExhausted as exc:
+                log.warning("no more rounds: %s", exc)
+                break
             if metrics is not None:
                 try:
                     metrics.observe_round(await asyncio.to_thread(store.round, rid))

@@ -31,6 +31,7 @@ from secagg.protocol.bench import make_config
 from secagg.protocol.driver import run_group
 from secagg.protocol.encoding import EncodingParams
 from secagg.protocol.messages import Mode, Phase
+from secagg.protocol.plan import PlanError, PlanSettings, RoundPlan, make_plan
 from secagg.protocol.robust import RULES, assumed_f, bucket_seed, f_cap
 
 from . import task
@@ -52,6 +53,10 @@ class FLConfig:
     clients: int = 30
     rounds: int = 15
     groups: int = 6                     # secure-aggregation groups per round (group size = clients/groups)
+    grouping: str = "stable"            # "stable": groups fixed for epoch_rounds rounds; "reshuffle": new groups every round
+    epoch_rounds: int = 10              # rounds per epoch under stable grouping
+    sample_rate: float = 0.0            # Poisson sampling rate (of groups under stable grouping); 0 = everyone
+    sample_size: int = 0                # fixed-size sampling (clients; whole groups under stable); 0 = off
     model: str = "softmax"              # or "mlp"
     task: str = "digits"                # or "mnist" (784 features, fixed split)
     hidden: int = MLP_HIDDEN            # the MLP's hidden units
@@ -115,6 +120,10 @@ class FLConfig:
             raise ValueError(f"rule_f must be a non-negative integer or None, got {self.rule_f!r}")
         if self.mode not in (m.value for m in Mode):
             raise ValueError(f"mode must be 'semi-honest' or 'active', got {self.mode!r}")
+        try:
+            self.plan_settings()
+        except PlanError as exc:
+            raise ValueError(str(exc)) from None
         self.encoding_params()  # validates clip_norm, clip_value, precision_bits
         self.encoding_params().modulus_bits(self.clients // self.groups + 1)
 
@@ -124,6 +133,11 @@ class FLConfig:
 
     def encoding_params(self) -> EncodingParams:
         return EncodingParams(clip_norm=self.clip_norm, clip_value=self.clip_value, precision_bits=self.precision_bits)
+
+    def plan_settings(self) -> PlanSettings:
+        """The round plan's settings; groups of any size run in memory (min_group 1)."""
+        return PlanSettings(groups=self.groups, grouping=self.grouping, epoch_rounds=self.epoch_rounds,
+                            sample_rate=self.sample_rate, sample_size=self.sample_size, min_group=1)
 
 
 def _rng(*entropy: int) -> np.random.Generator:
@@ -259,10 +273,21 @@ class Federation:
         return out
 
     # -- who is where ---------------------------------------------------------------------------
+    def epoch_seed(self, round_no: int) -> bytes:
+        """The epoch's seed in a simulation: a function of ``FLConfig.seed`` (a server draws it with ``secrets``)."""
+        epoch = self.cfg.plan_settings().epoch_of(round_no)
+        return hashlib.sha256(f"secagg-fl/epoch/{self.cfg.seed}/{epoch}".encode()).digest()
+
+    def plan(self, round_no: int, epoch_seed: bytes | None = None) -> RoundPlan:
+        """The round's plan (``protocol.plan``), the one a server with the same seed would run: every
+        client present (dropouts happen inside the round), client ``c`` named ``str(c)``."""
+        names = [str(c) for c in range(self.cfg.clients)]
+        seed = self.epoch_seed(round_no) if epoch_seed is None else epoch_seed
+        return make_plan(self.cfg.plan_settings(), round_no, seed, present=names, population=names)
+
     def assignment(self, round_no: int) -> list[list[int]]:
-        """The round's groups: a shuffle of the client ids (from seed and round) cut into near-equal parts."""
-        order = _rng(self.cfg.seed, _GROUPS, round_no).permutation(self.cfg.clients)
-        return [sorted(int(c) for c in part) for part in np.array_split(order, self.cfg.groups)]
+        """The groups that run in the round (client ids, each group sorted), from ``plan``."""
+        return [sorted(int(c) for c in g) for g in self.plan(round_no).groups]
 
     def dropouts(self, round_no: int) -> dict[int, Phase]:
         """Client -> the phase it vanishes before, for round(dropout * clients) clients."""

@@ -357,7 +357,7 @@ def round_config(*, index: int, members: int, victim_id: str, victim_commitment:
     rc = pb.RoundConfig(round_id=round_id, group=0, index=index, session=session or h32("session", round_id), members=members,
                         threshold=threshold, dim=dim, modulus_bits=32, mode=convert.MODE_TO_PB[mode], neighbors=neighbors,
                         encoding=encoding(), model_version=1, phase_timeout_seconds=1.0, chunk_words=4096,
-                        member_ids=ids, commitments=commitments)
+                        member_ids=ids, commitments=commitments, grouping="stable", epoch_rounds=10)
     for k, v in fields.items():
         if isinstance(v, list):
             del getattr(rc, k)[:]

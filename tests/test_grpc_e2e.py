@@ -319,8 +319,10 @@ async def test_round_record_lets_anyone_recompute_the_secagg_ring(tmp_path):
         for g, members in enumerate(rec.groups):
             gs = st["group_configs"][g]
             assert gs["neighbors"] == graph.recommended_degree(12)   # 4 was raised to the clients' floor
+            plan = st["plan"]
             rc = pb.RoundConfig(round_id=rec.round_id, group=g, model_version=st["model_version"], chunk_words=st["chunk_words"],
-                                encoding=convert.encoding_to_pb(h.params))
+                                encoding=convert.encoding_to_pb(h.params), round_number=plan["round_number"], epoch=plan["epoch"],
+                                epoch_rounds=1 if plan["grouping"] == "reshuffle" else plan["epoch_rounds"], grouping=plan["grouping"])
             cfg = GroupConfig(session=bytes.fromhex(gs["session"]), members=gs["members"], threshold=gs["threshold"], dim=DIM + 2,
                               modulus_bits=gs["modulus_bits"], mode=Mode.ACTIVE, neighbors=gs["neighbors"],
                               commitments=tuple(bytes.fromhex(c) for c in gs["commitments"]), member_ids=tuple(members),

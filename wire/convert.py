@@ -140,13 +140,13 @@ def server_message_to_pb(msg: m.ServerMessage) -> pb.ServerMessage:
 
 # ---- round configuration -------------------------------------------------------------------
 def round_context(rc: pb.RoundConfig) -> bytes:
-    """Digest of the round settings outside GroupConfig (round, group, encoding, model, chunking):
+    """Digest of the round settings outside GroupConfig (round, group, encoding, model, chunking, epoch):
     part of ``GroupConfig.digest``, so members told different settings cannot complete together."""
     import hashlib
 
     e = rc.encoding
     fields = (rc.round_id, rc.group, repr(float(e.clip_norm)), repr(float(e.clip_value)), e.precision_bits,
-              rc.model_version, rc.chunk_words)
+              rc.model_version, rc.chunk_words, rc.round_number, rc.epoch, rc.epoch_rounds, rc.grouping)
     return hashlib.sha256("|".join(["secagg/v1 round-context", *map(str, fields)]).encode()).digest()
 
 

@@ -155,7 +155,7 @@ class EncodingParams(_message.Message):
     def __init__(self, clip_norm: _Optional[float] = ..., clip_value: _Optional[float] = ..., precision_bits: _Optional[int] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
-    __slots__ = ("round_id", "group", "index", "session", "members", "threshold", "dim", "modulus_bits", "mode", "neighbors", "encoding", "model_version", "phase_timeout_seconds", "chunk_words", "member_ids", "commitments")
+    __slots__ = ("round_id", "group", "index", "session", "members", "threshold", "dim", "modulus_bits", "mode", "neighbors", "encoding", "model_version", "phase_timeout_seconds", "chunk_words", "member_ids", "commitments", "round_number", "epoch", "epoch_rounds", "grouping")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,10 @@ class RoundConfig(_message.Message):
     CHUNK_WORDS_FIELD_NUMBER: _ClassVar[int]
     MEMBER_IDS_FIELD_NUMBER: _ClassVar[int]
     COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    GROUPING_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     group: int
     index: int
@@ -188,7 +192,11 @@ class RoundConfig(_message.Message):
     chunk_words: int
     member_ids: _containers.RepeatedScalarFieldContainer[str]
     commitments: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, round_id: _Optional[str] = ..., group: _Optional[int] = ..., index: _Optional[int] = ..., session: _Optional[bytes] = ..., members: _Optional[int] = ..., threshold: _Optional[int] = ..., dim: _Optional[int] = ..., modulus_bits: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., neighbors: _Optional[int] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., model_version: _Optional[int] = ..., phase_timeout_seconds: _Optional[float] = ..., chunk_words: _Optional[int] = ..., member_ids: _Optional[_Iterable[str]] = ..., commitments: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    round_number: int
+    epoch: int
+    epoch_rounds: int
+    grouping: str
+    def __init__(self, round_id: _Optional[str] = ..., group: _Optional[int] = ..., index: _Optional[int] = ..., session: _Optional[bytes] = ..., members: _Optional[int] = ..., threshold: _Optional[int] = ..., dim: _Optional[int] = ..., modulus_bits: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., neighbors: _Optional[int] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., model_version: _Optional[int] = ..., phase_timeout_seconds: _Optional[float] = ..., chunk_words: _Optional[int] = ..., member_ids: _Optional[_Iterable[str]] = ..., commitments: _Optional[_Iterable[bytes]] = ..., round_number: _Optional[int] = ..., epoch: _Optional[int] = ..., epoch_rounds: _Optional[int] = ..., grouping: _Optional[str] = ...) -> None: ...
 
 class AdvertisedKeys(_message.Message):
     __slots__ = ("index", "c_public", "s_public", "signature", "identity")
