@@ -197,7 +197,7 @@ def cmd_rounds(args: argparse.Namespace) -> int:
         print(f"no rounds recorded in {args.db} yet")
         return 0
     _print_table(
-        ("ROUND", "STARTED", "OUTCOME", "GROUPS", "SURVIVORS", "MODEL"),
+        ("ROUND", "STARTED", "OUTCOME", "GROUPS", "SURVIVORS", "MODEL", "PLAN", "EPSILON"),
         [
             (
                 r.round_id,
@@ -206,11 +206,30 @@ def cmd_rounds(args: argparse.Namespace) -> int:
                 str(len(r.groups)),
                 _survivors_summary(r),
                 _dash(r.model_version),
+                _plan_summary(r.settings.get("plan")),
+                _privacy_summary(r.settings.get("privacy")),
             )
             for r in records
         ],
     )
     return 0
+
+
+def _plan_summary(plan: Any) -> str:
+    """'#4 e0 stable q=0.5' (round number, epoch, grouping, sampling); '-' for records without a plan."""
+    if not isinstance(plan, dict):
+        return "-"
+    sampling = {"poisson": f" q={plan.get('sample_rate'):g}", "fixed": f" n={plan.get('sample_size')}"}.get(plan.get("sampling"), "")
+    sat = f" {len(plan['sat_out'])} sat out" if plan.get("sat_out") else ""
+    return f"#{plan.get('round_number')} e{plan.get('epoch')} {plan.get('grouping')}{sampling}{sat}"
+
+
+def _privacy_summary(privacy: Any) -> str:
+    """'+0.51 = 2.3 (d=1e-06)': this round's epsilon and the cumulative one, against the server; '-' without DP."""
+    if not isinstance(privacy, dict):
+        return "-"
+    total = f"{privacy['epsilon']:.3g} (d={privacy['delta']:g})"
+    return f"+{privacy['epsilon_round']:.3g} = {total}" if "epsilon_round" in privacy else f"= {total}"
 
 
 def _print_record(fields: dict[str, Any]) -> None:

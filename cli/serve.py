@@ -24,7 +24,11 @@ _FLAGS = {  # flag -> (type, help)
     "min_clients": (int, "clients needed to start a round"),
     "max_clients": (int, "clients taken into one round"),
     "lobby_seconds": (float, "extra wait for more clients once min_clients wait"),
-    "groups": (int, "secure-aggregation groups per round"),
+    "groups": (int, "secure-aggregation groups per round (per epoch under stable grouping)"),
+    "grouping": (str, "stable: groups fixed for --epoch-rounds rounds (a group runs only with all its members); reshuffle: new groups every round"),
+    "epoch_rounds": (int, "rounds per epoch under stable grouping"),
+    "sample_rate": (float, "Poisson sampling: each client (whole groups under stable grouping) with this probability (0: off)"),
+    "sample_size": (int, "fixed-size sampling: this many clients a round (whole groups under stable grouping; 0: off)"),
     "mode": (str, "active, or semi-honest (default clients refuse it)"),
     "neighbors": (neighbors_arg, NEIGHBORS_HELP),
     "threshold": (float, "0 = safe minimum; <1 fraction of share holders; >=1 absolute"),
@@ -40,11 +44,16 @@ _FLAGS = {  # flag -> (type, help)
     "precision_bits": (int, "fixed-point precision"),
     "rule": (str, "robust rule over group means"),
     "byzantine_groups": (int, "f: bad groups the rule tolerates"),
+    "noise_multiplier": (float, "DP noise each round charges to the privacy account: sum stddev / L2 sensitivity (0: no DP)"),
+    "dp_mechanism": (str, "the accounted DP mechanism"),
+    "epsilon_budget": (float, "refuse to start a round that would take the cumulative epsilon above this (0: no budget)"),
+    "delta": (float, "the delta every epsilon is stated at"),
     "metrics_port": (int, "serve Prometheus metrics at http://HOST:PORT/metrics (HOST from --address; off by default)"),
 }
 
 
-_CHOICES = {"mode": ("active", "semi-honest")}
+_CHOICES = {"mode": ("active", "semi-honest"), "grouping": ("stable", "reshuffle"),
+            "dp_mechanism": ("gaussian", "skellam", "continuous-gaussian")}
 
 
 def _defaults() -> dict[str, object]:

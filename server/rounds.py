@@ -492,6 +492,10 @@ class Coordinator:
             return min(holders, max(1, math.ceil(t * holders)))
         return min(holders, int(t))
 
+    def _group_threshold(self, size: int) -> int:
+        k = self._neighbors(size)
+        return self._threshold(size if k is None else k + 1, self.cfg.mode_enum)
+
     def _neighbors(self, size: int) -> int | None:
         """SecAgg+ degree: the configured k, raised to the recommended degree for the group size
         (the floor default clients enforce); None when that is the complete graph."""
@@ -509,7 +513,7 @@ class Coordinator:
         session = hashlib.sha256(b"secagg/v1 session|" + round_id.encode() + b"|" + number.to_bytes(4, "big") + b"|" + secrets.token_bytes(32)).digest()
         return pb.RoundConfig(
             round_id=round_id, group=number, session=session, members=size,
-            threshold=self._threshold(size if k is None else k + 1, mode), dim=cfg.dim + 2,
+            threshold=self._group_threshold(size), dim=cfg.dim + 2,
             modulus_bits=cfg.encoding.modulus_bits(size), mode=convert.MODE_TO_PB[mode], neighbors=k or 0,
             encoding=convert.encoding_to_pb(cfg.encoding), model_version=model_version,
             phase_timeout_seconds=cfg.phase_seconds, chunk_words=cfg.chunk_words,
@@ -529,7 +533,8 @@ class Coordinator:
             raise
         plan = self._plan(lobby)
         round_id = f"round-{int(time.time())}-{secrets.token_hex(3)}"
-        refusal = self.privacy.refusal(plan) if self.privacy is not None else None
+        honest = min((self._group_threshold(len(g)) for g in plan.groups), default=1)
+        refusal = self.privacy.refusal(plan, honest) if self.privacy is not None else None
         if refusal is not None:
             return self._refuse_round(round_id, plan, refusal)
         self.round_number = plan.round_number + 1

@@ -22,6 +22,7 @@ from secagg.v1 import secagg_pb2_grpc as pb_grpc
 from secagg.wire import convert
 from secagg.wire.identity import CLIENT_ID, NONCE_BYTES, READ_WINDOW_SECONDS, PKIError, certificate_binding, hello_message, read_message
 
+from .budget import Privacy
 from .config import ConfigError, ServerConfig
 from .ledger import LedgerError, LedgerKeyError, default_key_path, open_for_server
 from .ops import DatabaseLock, Metrics, add_health_and_reflection, check_extra, port_taken, set_serving
@@ -347,6 +348,8 @@ async def start(cfg: ServerConfig, *, on_round: Callable[[str], None] | None = N
             ("grpc.so_reuseport", 0),   # gRPC's default lets a second server listen too and take half the clients
         ])
         coordinator = Coordinator(cfg, store)
+        if cfg.noise_multiplier:
+            coordinator.privacy = Privacy(cfg, store)
         add_servicer(SecAggServicer(coordinator, store, server_binding(cfg)), server)
         health = add_health_and_reflection(server)
         host = cfg.address.rpartition(":")[0]
