@@ -216,20 +216,25 @@ def cmd_rounds(args: argparse.Namespace) -> int:
 
 
 def _plan_summary(plan: Any) -> str:
-    """'#4 e0 stable q=0.5' (round number, epoch, grouping, sampling); '-' for records without a plan."""
+    """'4/e0/stable/q=0.5/1out': round number, epoch, grouping, sampling, groups that sat out; '-' without a plan."""
     if not isinstance(plan, dict):
         return "-"
-    sampling = {"poisson": f" q={plan.get('sample_rate'):g}", "fixed": f" n={plan.get('sample_size')}"}.get(plan.get("sampling"), "")
-    sat = f" {len(plan['sat_out'])} sat out" if plan.get("sat_out") else ""
-    return f"#{plan.get('round_number')} e{plan.get('epoch')} {plan.get('grouping')}{sampling}{sat}"
+    parts = [str(plan.get("round_number")), f"e{plan.get('epoch')}", str(plan.get("grouping"))]
+    if plan.get("sampling") == "poisson":
+        parts.append(f"q={plan.get('sample_rate'):g}")
+    elif plan.get("sampling") == "fixed":
+        parts.append(f"n={plan.get('sample_size')}")
+    if plan.get("sat_out"):
+        parts.append(f"{len(plan['sat_out'])}out")
+    return "/".join(parts)
 
 
 def _privacy_summary(privacy: Any) -> str:
-    """'+0.51 = 2.3 (d=1e-06)': this round's epsilon and the cumulative one, against the server; '-' without DP."""
+    """'2.3(+1.6)@1e-06': the cumulative epsilon against the server, this round's, the delta; '-' without DP."""
     if not isinstance(privacy, dict):
         return "-"
-    total = f"{privacy['epsilon']:.3g} (d={privacy['delta']:g})"
-    return f"+{privacy['epsilon_round']:.3g} = {total}" if "epsilon_round" in privacy else f"= {total}"
+    this = f"(+{privacy['epsilon_round']:.3g})" if "epsilon_round" in privacy else ""
+    return f"{privacy['epsilon']:.3g}{this}@{privacy['delta']:g}"
 
 
 def _print_record(fields: dict[str, Any]) -> None:

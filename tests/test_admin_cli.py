@@ -56,9 +56,9 @@ def test_rounds_table(capsys: pytest.CaptureFixture[str], db: Path) -> None:
     code, out, err = run(capsys, "rounds", "--db", str(db))
     assert code == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0].split() == ["ROUND", "STARTED", "OUTCOME", "GROUPS", "SURVIVORS", "MODEL"]
-    assert lines[1].split()[0] == "r-002" and lines[1].split()[-4:] == ["running", "1", "-/1", "-"]
-    assert lines[2].split()[0] == "r-001" and lines[2].split()[-4:] == ["completed", "2", "5/6", "2"]
+    assert lines[0].split() == ["ROUND", "STARTED", "OUTCOME", "GROUPS", "SURVIVORS", "MODEL", "PLAN", "EPSILON"]
+    assert lines[1].split()[0] == "r-002" and lines[1].split()[-6:] == ["running", "1", "-/1", "-", "-", "-"]
+    assert lines[2].split()[0] == "r-001" and lines[2].split()[-6:] == ["completed", "2", "5/6", "2", "-", "-"]
     assert lines[0].index("OUTCOME") == lines[1].index("running") == lines[2].index("completed")  # aligned
 
     code, out, _ = run(capsys, "rounds", "--db", str(db), "--limit", "1")

@@ -11,6 +11,7 @@ from typing import Any
 import dp_accounting
 import pytest
 from grpc_harness import async_test, running_server, seed_of, update_of
+from secagg.cli.main import main
 from secagg.client import ClientError, Rejected
 from secagg.protocol.plan import recompute
 from secagg.server.budget import Privacy
@@ -89,7 +90,7 @@ def dp_epsilon(rounds: int, z: float, delta: float) -> float:
 
 
 @async_test
-async def test_a_round_over_the_privacy_budget_is_refused_over_grpc(tmp_path: Path) -> None:
+async def test_a_round_over_the_privacy_budget_is_refused_over_grpc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Budget between the epsilon of one and of two rounds: round 0 runs and records its epsilon;
     the clients waiting for round 1 are refused with RESOURCE_EXHAUSTED and the reason; the refusal
     is recorded (event + a failed round record); a restarted account still knows round 0's charge."""
@@ -120,6 +121,11 @@ async def test_a_round_over_the_privacy_budget_is_refused_over_grpc(tmp_path: Pa
     with Store(h.cfg.db) as st:
         rebuilt = Privacy(cfg, st)
     assert rebuilt.rounds == 1 and rebuilt.epsilon == pytest.approx(one, rel=1e-9)
+    assert main(["rounds", "--db", h.cfg.db]) == 0     # the operator's view of the account
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows[0][-2:] == ["PLAN", "EPSILON"]
+    assert rows[1][-1] == f"{one:.3g}@{delta:g}" and "failed" in rows[1]          # the refused round: nothing charged
+    assert rows[2][-1] == f"{one:.3g}(+{one:.3g})@{delta:g}" and rows[2][-2] == "0/e0/stable"
 
 
 def test_sampling_amplifies_only_the_released_models_epsilon() -> None:
