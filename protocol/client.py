@@ -16,7 +16,7 @@ import numpy as np
 
 from . import aead, graph, prg, shamir, signatures
 from .errors import AbortError, LocalProtocolError, RemoteProtocolError
-from .keys import KeyPair, Purpose, generate_keypair, pair_keys
+from .keys import KeyPair, Purpose, generate_keypair, pair_keys, pair_secrets, pair_seed, pass_self_seed
 from .policy import ClientPolicy
 from .messages import (
     AdvertiseKeys,
@@ -27,6 +27,7 @@ from .messages import (
     KeysBroadcast,
     MaskedInput,
     Mode,
+    PassStart,
     ShareKeys,
     SharesDelivery,
     UnmaskRequest,
@@ -38,8 +39,10 @@ class ClientState(enum.Enum):
     READY = "ready"
     ADVERTISED = "advertised"
     SHARED = "shared"
+    DELIVERED = "delivered"   # multi-pass: shares held, waiting for a pass to open
     MASKED = "masked"
     SIGNED = "signed"
+    BETWEEN_PASSES = "between-passes"   # multi-pass: a pass unmasked, the next not yet open
     DONE = "done"
     ABORTED = "aborted"
 
@@ -49,6 +52,8 @@ TRANSITIONS: dict[str, tuple[frozenset[ClientState], ClientState]] = {
     "advertise_keys": (frozenset({ClientState.READY}), ClientState.ADVERTISED),
     "share_keys": (frozenset({ClientState.ADVERTISED}), ClientState.SHARED),
     "masked_input": (frozenset({ClientState.SHARED}), ClientState.MASKED),
+    "receive_shares": (frozenset({ClientState.SHARED}), ClientState.DELIVERED),
+    "pass_input": (frozenset({ClientState.DELIVERED, ClientState.BETWEEN_PASSES}), ClientState.MASKED),
     "consistency_check": (frozenset({ClientState.MASKED}), ClientState.SIGNED),
     "unmask": (frozenset({ClientState.MASKED, ClientState.SIGNED}), ClientState.DONE),
 }
@@ -120,6 +125,14 @@ class ClientMachine:
         self._share_keys: dict[int, bytes] = {}             # peer -> AEAD key for shares, both ways
         self._mask_seeds: dict[int, bytes] = {}             # peer -> pairwise mask seed s_uv
         self._survivors: frozenset[int] | None = None        # U3 as signed in active mode
+        # multi-pass state: what was revealed about whom stays true for the rest of the round
+        self._secrets: dict[int, bytes] = {}                # peer -> raw X25519 secret (every pass's seeds come from it)
+        self.pass_index = 0                                 # the pass in progress (0: none yet)
+        self._pass_peers: frozenset[int] = frozenset()      # whom we masked with this pass
+        self._pass_binding = b""                            # public_digest of this pass
+        self._ever_survived: set[int] = set()               # in some pass's U3: their self seeds are out, never their mask key
+        self._revealed_root: set[int] = set()               # we sent shares of their self-mask root: never anything pairwise
+        self._revealed_pairwise: set[int] = set()           # we revealed mask-key shares or pair seeds: never their root, out of later passes
 
     # -- the state table ---------------------------------------------------------------
     def _enter(self, method: str) -> ClientState:
@@ -206,7 +219,10 @@ class ClientMachine:
         session = self.config.digest
         try:
             self._share_keys = pair_keys(self._c.private, {v: p.c_public for v, p in others.items()}, session=session, purpose=Purpose.SHARE_ENCRYPTION, u=self.index)
-            self._mask_seeds = pair_keys(self._s.private, {v: p.s_public for v, p in others.items()}, session=session, purpose=Purpose.MASK_SEED, u=self.index)
+            if cfg.multipass:
+                self._secrets = pair_secrets(self._s.private, {v: p.s_public for v, p in others.items()})
+            else:
+                self._mask_seeds = pair_keys(self._s.private, {v: p.s_public for v, p in others.items()}, session=session, purpose=Purpose.MASK_SEED, u=self.index)
         except ValueError as exc:
             raise self._abort(str(exc)) from None
         self._self_seed = self._randbytes(prg.SEED_BYTES)
@@ -221,7 +237,12 @@ class ClientMachine:
                 continue
             ct = aead.seal(self._share_keys[v], plaintext, session=session, sender=self.index, receiver=v, nonce=self._randbytes(aead.NONCE_BYTES))
             out.append(EncryptedShare(self.index, v, ct))
-        return ShareKeys(self.index, tuple(out), signatures.self_mask_commitment(session, self.index, self._self_seed))
+        pass_commitments = tuple(signatures.pass_seed_commitment(session, self.index, p, self._pass_seed(p))
+                                 for p in range(1, cfg.passes + 1)) if cfg.multipass else ()
+        return ShareKeys(self.index, tuple(out), signatures.self_mask_commitment(session, self.index, self._self_seed), pass_commitments)
+
+    def _pass_seed(self, p: int) -> bytes:
+        return pass_self_seed(self._self_seed, session=self.config.digest, index=self.index, pass_tag=self.config.pass_tag(p))
 
     def _place_on_ring(self, contributions: tuple[bytes, ...]) -> None:
         """SecAgg+: check every opened contribution against its commitment, then find our neighbours."""
@@ -245,10 +266,24 @@ class ClientMachine:
         return self._checked("masked_input", lambda: self._mask(delivery, encoded))  # type: ignore[return-value]
 
     def _mask(self, delivery: SharesDelivery, encoded: np.ndarray) -> MaskedInput:
-        assert self._c is not None and self._s is not None
+        self._check_encoded(encoded)
+        senders = self._take_shares(delivery, multipass=False)
+        y = encoded.copy()
+        add_masks(y, self._self_seed, {v: self._mask_seeds[v] for v in senders}, self.index)
+        return MaskedInput(self.index, y)
+
+    def _check_encoded(self, encoded: np.ndarray) -> None:
         cfg = self.config
         if encoded.shape != (cfg.dim,) or encoded.dtype != cfg.dtype:
             raise LocalProtocolError(f"encoded input must be {cfg.dim} words of {cfg.dtype}, got {encoded.shape} {encoded.dtype}")
+
+    def _take_shares(self, delivery: SharesDelivery, *, multipass: bool) -> set[int]:
+        """Open and keep the shares our neighbours sent us (U2); returns who sent them."""
+        assert self._c is not None and self._s is not None
+        cfg = self.config
+        if multipass != cfg.multipass:
+            raise LocalProtocolError("a multi-pass round takes receive_shares, then pass_input for each pass" if cfg.multipass
+                                     else "receive_shares is for multi-pass rounds; a single pass takes masked_input")
         if delivery.receiver != self.index:
             raise self._abort(f"share delivery addressed to client {delivery.receiver}")
         senders: set[int] = set()
@@ -264,8 +299,42 @@ class ClientMachine:
         self._u2 = frozenset(senders | {self.index})
         if len(self._u2) < cfg.threshold:
             raise self._abort(f"only {len(self._u2)} share holders remain, threshold is {cfg.threshold}")
+        return senders
+
+    # -- multi-pass: shares once, then one masked input per pass --------------------------
+    def receive_shares(self, delivery: SharesDelivery) -> None:
+        """Multi-pass: keep the shares; the first pass opens with a ``PassStart``."""
+        self._checked("receive_shares", lambda: self._take_shares(delivery, multipass=True))
+
+    def pass_input(self, start: PassStart, encoded: np.ndarray) -> MaskedInput:
+        """Mask this pass's input (computed by the caller from its update and ``start.public``)
+        with this pass's seeds: fresh masks each pass from the one key agreement."""
+        return self._checked("pass_input", lambda: self._mask_pass(start, encoded))  # type: ignore[return-value]
+
+    def _mask_pass(self, start: PassStart, encoded: np.ndarray) -> MaskedInput:
+        cfg = self.config
+        if not cfg.multipass:
+            raise LocalProtocolError("pass_input is for multi-pass rounds")
+        self._check_encoded(encoded)
+        p = start.pass_index
+        if p != self.pass_index + 1 or p > cfg.passes:
+            raise self._abort(f"server opened pass {p}; the next pass is {self.pass_index + 1} of {cfg.passes}")
+        if not np.all(np.isfinite(np.asarray(start.public, dtype=np.float64))):
+            raise self._abort(f"pass {p}'s public value contains NaN or infinity")
+        if self.index not in start.participants:
+            raise self._abort(f"pass {p}'s participants do not include us")
+        gone = sorted(start.participants & (self._revealed_root | self._revealed_pairwise))
+        if gone:
+            raise self._abort(f"pass {p} lists member(s) {gone[:5]} whose secrets we helped reveal in an earlier pass; refusing")
+        peers = (start.participants & self._u2) - {self.index}
+        if len(peers) + 1 < cfg.threshold:
+            raise self._abort(f"pass {p} has {len(peers) + 1} of our share holders, threshold is {cfg.threshold}")
+        self.pass_index, self._pass_peers, self._pass_binding = p, frozenset(peers), start.digest
+        self._survivors = None
+        tag = cfg.pass_tag(p)
+        seeds = {v: pair_seed(self._secrets[v], session=cfg.digest, purpose=Purpose.MASK_SEED, u=self.index, v=v, pass_tag=tag) for v in peers}
         y = encoded.copy()
-        add_masks(y, self._self_seed, {v: self._mask_seeds[v] for v in senders}, self.index)
+        add_masks(y, self._pass_seed(p), seeds, self.index)
         return MaskedInput(self.index, y)
 
     # -- round 3 (active mode): consistency check ---------------------------------------
@@ -283,7 +352,7 @@ class ClientMachine:
 
     def _consistency_message(self, signer: int, survivors: frozenset[int]) -> bytes:
         keys = self._peers[signer]
-        return signatures.consistency_message(self.config.digest, signer, keys.c_public, keys.s_public, survivors, self._u1)
+        return signatures.consistency_message(self.config.digest, signer, keys.c_public, keys.s_public, survivors, self._u1, self._pass_binding)
 
     def _check_survivors(self, survivors: frozenset[int]) -> None:
         """Privacy floor: count only survivors that are members and hold our shares (U2)."""
@@ -302,11 +371,14 @@ class ClientMachine:
 
     # -- round 4: unmasking --------------------------------------------------------------
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
-        return self._checked("unmask", lambda: self._reveal(request))  # type: ignore[return-value]
+        out = self._checked("unmask", lambda: self._reveal(request))
+        if self.config.multipass and self.pass_index < self.config.passes:
+            self.state = ClientState.BETWEEN_PASSES
+        return out  # type: ignore[return-value]
 
     def _reveal(self, request: UnmaskRequest) -> UnmaskResponse:
         survivors, dropped = request.survivors, request.dropped
-        both = survivors & dropped
+        both = survivors & (dropped | request.dropped_pairs)
         if both:
             raise self._abort(f"server asked for both shares of client(s) {sorted(both)}; refusing")
         if self.config.mode is Mode.ACTIVE:
@@ -314,6 +386,8 @@ class ClientMachine:
                 raise self._abort("unmask request does not match the survivor set we signed")
             self._verify_consistency(request)
         self._check_survivors(survivors)
+        if self.config.multipass:
+            return self._reveal_pass(request)
         b = tuple((v, self._held_b[v]) for v in sorted(survivors & self._u2))
         s = tuple((v, self._held_s[v]) for v in sorted(dropped & self._u2 - {self.index}))
         return UnmaskResponse(self.index, b, s)
@@ -328,3 +402,34 @@ class ClientMachine:
             valid.add(cs.index)
         if len(valid) < self.config.threshold:
             raise self._abort(f"only {len(valid)} valid consistency signatures from our neighbours, threshold is {self.config.threshold}")
+
+    def _reveal_pass(self, request: UnmaskRequest) -> UnmaskResponse:
+        """Multi-pass unmasking of pass p.  The rules that keep every pass's input hidden:
+        our own pass-p seed only (never the root); a mask key only of a member never in any
+        pass's survivors; pair seeds of this pass only; the self-mask root only of a survivor
+        of this pass that did not sign, and then nothing pairwise about it ever after."""
+        p, survivors = request.pass_index, request.survivors
+        if p != self.pass_index:
+            raise self._abort(f"unmask request for pass {p} during pass {self.pass_index}")
+        if request.dropped & request.dropped_pairs:
+            raise self._abort(f"server asked for two kinds of secret of client(s) {sorted(request.dropped & request.dropped_pairs)}")
+        if not request.recover <= survivors:
+            raise self._abort("server asked to recover the self-mask root of a member that sent no input this pass")
+        if self.config.mode is Mode.ACTIVE and self.index in request.recover:
+            raise self._abort("server asked to recover our own self-mask root although we signed")
+        seen = sorted(request.dropped & (self._ever_survived | self._revealed_root))
+        if seen:
+            raise self._abort(f"server asked for the mask key of client(s) {seen[:5]}, whose self-mask seeds of an earlier pass "
+                              "were revealed; refusing (it would unmask that input)")
+        both = sorted((request.dropped | request.dropped_pairs) & self._revealed_root | request.recover & self._revealed_pairwise)
+        if both:
+            raise self._abort(f"server asked for a pairwise secret and the self-mask root of client(s) {both[:5]}; refusing")
+        tag = self.config.pass_tag(p)
+        s = tuple((v, self._held_s[v]) for v in sorted(request.dropped & self._u2 - {self.index}))
+        pairs = tuple((v, pair_seed(self._secrets[v], session=self.config.digest, purpose=Purpose.MASK_SEED, u=self.index, v=v, pass_tag=tag))
+                      for v in sorted(request.dropped_pairs & self._pass_peers))
+        roots = tuple((v, self._held_b[v]) for v in sorted(request.recover & self._u2 - {self.index}))
+        self._ever_survived |= survivors
+        self._revealed_root |= request.recover
+        self._revealed_pairwise |= request.dropped | request.dropped_pairs
+        return UnmaskResponse(self.index, roots, s, self._pass_seed(p), pairs)

@@ -19,7 +19,7 @@ from .client import ClientMachine
 from .graph import commit_contribution
 from .policy import ClientPolicy
 from .errors import AbortError, DropReason, RemoteProtocolError
-from .messages import AggregateResult, GroupConfig, Mode, Phase, wire_size
+from .messages import AggregateResult, GroupConfig, Mode, PassStart, Phase, wire_size
 from .server import ServerMachine
 
 
@@ -59,6 +59,117 @@ def with_contributions(config: GroupConfig, randbytes: Callable[[int], bytes] | 
     return dataclasses.replace(config, commitments=commitments), contributions
 
 
+class GroupDriver:
+    """One group's client machines and server machine, moving messages as a transport would.
+
+    ``run_group`` drives a single-pass round through it; a multi-pass round opens each pass with
+    ``run_pass`` once every group's previous pass is summed (the estimate needs them all)."""
+
+    def __init__(
+        self,
+        config: GroupConfig,
+        *,
+        identity_keys: Mapping[int, bytes] | None = None,
+        randbytes: Callable[[int], bytes] | Mapping[int, Callable[[int], bytes]] = os.urandom,
+        policy: ClientPolicy | None = None,
+        contributions: Mapping[int, bytes] | None = None,
+    ) -> None:
+        if contributions is None:
+            if config.commitments:
+                raise ValueError("a config with commitments needs the members' contributions")
+            config, contributions = with_contributions(config, randbytes)
+        policy = ClientPolicy.lenient() if policy is None else policy
+        identities = None
+        if config.mode is Mode.ACTIVE:
+            from .signatures import public_key
+
+            if identity_keys is None:
+                raise ValueError("active mode needs identity_keys")
+            identities = {i: public_key(k) for i, k in identity_keys.items()}
+        self.config = config
+        self.run = GroupRun(None, {p: PhaseStats() for p in Phase}, config=config)
+        self.clients: dict[int, ClientMachine] = {}
+        for i in range(1, config.members + 1):
+            rb = randbytes[i] if isinstance(randbytes, Mapping) else randbytes
+            self.clients[i] = ClientMachine(config, i, contribution=contributions[i], identity_key=(identity_keys or {}).get(i),
+                                            policy=policy, randbytes=rb)
+        self.server = ServerMachine(config, identities=identities)
+        self.inbox: dict[int, object] = {i: None for i in self.clients}
+        self.pass_results: list[AggregateResult] = []
+
+    def step(self, phase: Phase, act: Callable[[ClientMachine, object], object], vanish: frozenset[int] = frozenset()) -> None:
+        """Every client with a message answers it (``vanish`` go silently), then the phase closes."""
+        run, server, inbox = self.run, self.server, self.inbox
+        st = run.stats[phase]
+        for i in sorted(inbox):
+            if i in vanish:
+                server.drop(i, DropReason.DISCONNECTED, f"vanished before {phase.label}")
+                continue
+            t0 = time.perf_counter()
+            try:
+                reply = act(self.clients[i], inbox[i])
+            except (AbortError, RemoteProtocolError) as exc:  # the client refused to go on
+                run.client_aborts[i] = str(exc)
+                server.drop(i, DropReason.ABORTED, str(exc))
+                continue
+            finally:
+                st.client_seconds.append(time.perf_counter() - t0)
+            if reply is None:   # a message that needs no answer (multi-pass share delivery)
+                continue
+            st.bytes_up += wire_size(reply)
+            t0 = time.perf_counter()
+            try:
+                server.receive(reply)  # type: ignore[arg-type]
+            except RemoteProtocolError as exc:  # the server rejected (and dropped) this client
+                run.rejections[i] = str(exc)
+            st.server_seconds += time.perf_counter() - t0
+        if phase is Phase.SHARE_KEYS and self.config.multipass:
+            return   # the deliveries wait in the inbox; the first pass collects nothing more
+        t0 = time.perf_counter()
+        out = server.close_phase()
+        st.server_seconds += time.perf_counter() - t0
+        st.bytes_down += sum(wire_size(m) for m in out.values())
+        run.survivors[phase] = frozenset(server.received[phase])
+        inbox.clear()
+        inbox.update(out)
+
+    def unmask_steps(self, drops: Mapping[Phase, frozenset[int]]) -> None:
+        if self.config.mode is Mode.ACTIVE:
+            self.step(Phase.CONSISTENCY_CHECK, lambda c, m: c.consistency_check(m), drops.get(Phase.CONSISTENCY_CHECK, frozenset()))  # type: ignore[arg-type]
+        self.step(Phase.UNMASKING, lambda c, m: c.unmask(m), drops.get(Phase.UNMASKING, frozenset()))  # type: ignore[arg-type]
+
+    def keys(self, drops: Mapping[Phase, frozenset[int]]) -> None:
+        self.step(Phase.ADVERTISE_KEYS, lambda c, _m: c.advertise_keys(), drops.get(Phase.ADVERTISE_KEYS, frozenset()))
+        self.step(Phase.SHARE_KEYS, lambda c, m: c.share_keys(m), drops.get(Phase.SHARE_KEYS, frozenset()))  # type: ignore[arg-type]
+        if self.config.multipass:   # the shares are delivered now; each pass opens with its public value
+            out = self.server.close_phase()
+            self.run.survivors[Phase.SHARE_KEYS] = frozenset(self.server.received[Phase.SHARE_KEYS])
+            for i, delivery in out.items():
+                try:
+                    self.clients[i].receive_shares(delivery)  # type: ignore[arg-type]
+                except (AbortError, RemoteProtocolError) as exc:
+                    self.run.client_aborts[i] = str(exc)
+                    self.server.drop(i, DropReason.ABORTED, str(exc))
+
+    def run_pass(self, public: np.ndarray, input_for: Callable[[int, PassStart], np.ndarray], *,
+                 left: frozenset[int] = frozenset(), drops: Mapping[Phase, frozenset[int]] | None = None) -> AggregateResult:
+        """One pass of a multi-pass round: ``left`` closed their streams before it opened (the server
+        knows), ``drops[phase]`` vanish before sending that phase's message; ``input_for(index,
+        start)`` is a client's encoded input for it.  Raises AbortError when the group aborts."""
+        drops = drops or {}
+        for i in sorted(left):
+            self.server.drop(i, DropReason.DISCONNECTED, "left between passes")
+        out = self.server.start_pass(public)
+        self.inbox.clear()
+        self.inbox.update(out)
+        self.step(Phase.MASKED_INPUT, lambda c, m: c.pass_input(m, input_for(c.index, m)), drops.get(Phase.MASKED_INPUT, frozenset()))  # type: ignore[arg-type]
+        self.unmask_steps(drops)
+        assert self.server.result is not None
+        self.pass_results.append(self.server.result)
+        self.run.result = self.server.result
+        return self.server.result
+
+
 def run_group(
     config: GroupConfig,
     inputs: Mapping[int, np.ndarray],
@@ -76,75 +187,19 @@ def run_group(
     ``policy`` is every client's (``ClientPolicy.lenient()`` by default: the in-memory server is
     honest).  A config without commitments gets fresh contributions (``with_contributions``).
     """
-    if contributions is None:
-        if config.commitments:
-            raise ValueError("a config with commitments needs the members' contributions")
-        config, contributions = with_contributions(config, randbytes)
-    policy = ClientPolicy.lenient() if policy is None else policy
-    drops = {p: frozenset(v) for p, v in (drops or {}).items()}
-    identities = None
-    if config.mode is Mode.ACTIVE:
-        from .signatures import public_key
-
-        if identity_keys is None:
-            raise ValueError("active mode needs identity_keys")
-        identities = {i: public_key(k) for i, k in identity_keys.items()}
-    stats = {p: PhaseStats() for p in Phase}
-    run = GroupRun(None, stats, config=config)
-    clients: dict[int, ClientMachine] = {}
-    for i in range(1, config.members + 1):
-        rb = randbytes[i] if isinstance(randbytes, Mapping) else randbytes
-        clients[i] = ClientMachine(config, i, contribution=contributions[i], identity_key=(identity_keys or {}).get(i),
-                                   policy=policy, randbytes=rb)
-    server = ServerMachine(config, identities=identities)
-    inbox: dict[int, object] = {i: None for i in clients}
-
-    def step(phase: Phase, act: Callable[[ClientMachine, object], object]) -> None:
-        st = stats[phase]
-        for i in sorted(inbox):
-            if i in drops.get(phase, ()):
-                server.drop(i, DropReason.DISCONNECTED, f"vanished before {phase.label}")
-                continue
-            t0 = time.perf_counter()
-            try:
-                reply = act(clients[i], inbox[i])
-            except (AbortError, RemoteProtocolError) as exc:  # the client refused to go on
-                run.client_aborts[i] = str(exc)
-                server.drop(i, DropReason.ABORTED, str(exc))
-                continue
-            finally:
-                st.client_seconds.append(time.perf_counter() - t0)
-            st.bytes_up += wire_size(reply)
-            t0 = time.perf_counter()
-            try:
-                server.receive(reply)  # type: ignore[arg-type]
-            except RemoteProtocolError as exc:  # the server rejected (and dropped) this client
-                run.rejections[i] = str(exc)
-            st.server_seconds += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = server.close_phase()
-        st.server_seconds += time.perf_counter() - t0
-        st.bytes_down += sum(wire_size(m) for m in out.values())
-        run.survivors[phase] = frozenset(server.received[phase])
-        inbox.clear()
-        inbox.update(out)
-
-    phases: list[tuple[Phase, Callable[[ClientMachine, object], object]]] = [
-        (Phase.ADVERTISE_KEYS, lambda c, _m: c.advertise_keys()),
-        (Phase.SHARE_KEYS, lambda c, m: c.share_keys(m)),  # type: ignore[arg-type]
-        (Phase.MASKED_INPUT, lambda c, m: c.masked_input(m, inputs[c.index])),  # type: ignore[arg-type]
-    ]
-    if config.mode is Mode.ACTIVE:
-        phases.append((Phase.CONSISTENCY_CHECK, lambda c, m: c.consistency_check(m)))  # type: ignore[arg-type]
-    phases.append((Phase.UNMASKING, lambda c, m: c.unmask(m)))  # type: ignore[arg-type]
+    if config.multipass:
+        raise ValueError("run_group runs single-pass rounds; drive a multi-pass round with GroupDriver.run_pass")
+    g = GroupDriver(config, identity_keys=identity_keys, randbytes=randbytes, policy=policy, contributions=contributions)
+    vanish = {p: frozenset(v) for p, v in (drops or {}).items()}
     try:
-        for phase, act in phases:
-            step(phase, act)
+        g.keys(vanish)
+        g.step(Phase.MASKED_INPUT, lambda c, m: c.masked_input(m, inputs[c.index]), vanish.get(Phase.MASKED_INPUT, frozenset()))  # type: ignore[arg-type]
+        g.unmask_steps(vanish)
     except AbortError as exc:
-        run.aborted = str(exc)
-        return run
-    run.result = server.result
-    return run
+        g.run.aborted = str(exc)
+        return g.run
+    g.run.result = g.server.result
+    return g.run
 
 
 def deterministic_randbytes(seed: bytes) -> Callable[[int], bytes]:

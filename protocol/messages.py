@@ -53,6 +53,7 @@ class GroupConfig:
     commitments: tuple[bytes, ...] = ()   # seat i-1: SHA-256 commitment to member i's contribution
     member_ids: tuple[str, ...] = ()      # seat i-1: member i's registered client id (the PKI view)
     context: bytes = b""                  # digest of the round's other announced settings
+    passes: int = 1                       # P masked inputs after one key agreement (multi-pass rules)
 
     def __post_init__(self) -> None:
         if len(self.session) < 16:
@@ -67,6 +68,8 @@ class GroupConfig:
             raise ValueError(f"commitments must be one 32-byte value per member ({self.members})")
         if self.member_ids and len(self.member_ids) != self.members:
             raise ValueError(f"member_ids must name every member ({self.members}), got {len(self.member_ids)}")
+        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
+            raise ValueError(f"passes must be an integer >= 1, got {self.passes!r}")
 
     @property
     def dtype(self) -> np.dtype:
@@ -80,6 +83,17 @@ class GroupConfig:
     @property
     def sparse(self) -> bool:
         return self.degree < self.members - 1
+
+    @property
+    def multipass(self) -> bool:
+        return self.passes > 1
+
+    def pass_tag(self, pass_index: int) -> int:
+        """What seeds of pass ``pass_index`` (1..P) are derived with: 0 in a single-pass round (the
+        derivations are then exactly those of a round without passes), else the pass index."""
+        if not 1 <= pass_index <= self.passes:
+            raise ValueError(f"pass {pass_index} outside 1..{self.passes}")
+        return pass_index if self.multipass else 0
 
     @cached_property
     def digest(self) -> bytes:
@@ -95,6 +109,8 @@ class GroupConfig:
             put(c)
         for mid in self.member_ids:
             put(mid.encode())
+        if self.multipass:   # absent for P = 1, so a single-pass round's digest is unchanged
+            put(b"passes" + self.passes.to_bytes(4, "big"))
         return h.digest()
 
 
@@ -126,12 +142,36 @@ class ShareKeys:
     index: int
     shares: tuple[EncryptedShare, ...]   # one per neighbour in U1
     self_mask_commitment: bytes = b""    # SHA-256 binding b_u: lets the server detect bad b-shares
+    pass_commitments: tuple[bytes, ...] = ()   # multi-pass: SHA-256 binding each pass's self-mask seed b_u^p
 
 
 @dataclass(frozen=True)
 class SharesDelivery:
     receiver: int
     shares: tuple[EncryptedShare, ...]   # from every neighbour in U2
+
+
+@dataclass(frozen=True, eq=False)
+class PassStart:
+    """Multi-pass: the server opens pass ``pass_index`` for ``participants`` with a public value
+    (e.g. the current estimate v) from which each client computes its own input."""
+
+    pass_index: int
+    participants: frozenset[int]         # who masks this pass (survivors of the last one)
+    public: np.ndarray                   # float64, possibly empty
+
+    @property
+    def digest(self) -> bytes:
+        return public_digest(self.pass_index, self.public)
+
+
+def public_digest(pass_index: int, public: np.ndarray) -> bytes:
+    """SHA-256 of a pass's index and public value: bound into the consistency signature, so
+    members shown different values cannot complete the pass together."""
+    v = np.ascontiguousarray(public, dtype=np.float64)
+    h = hashlib.sha256(b"secagg/v1|pass-public|" + pass_index.to_bytes(4, "big") + v.size.to_bytes(8, "big"))
+    h.update(v.astype("<f8", copy=False).tobytes())
+    return h.digest()
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,6 +196,10 @@ class UnmaskRequest:
     survivors: frozenset[int]            # U3: reveal the self-mask share of these
     dropped: frozenset[int]              # U2 \ U3: reveal the mask-key share of these
     signatures: tuple[ConsistencySignature, ...] = ()   # active mode: U4's signatures of U3
+    # multi-pass only (pass >= 1); ``dropped`` then asks for mask-key shares of members that never sent an input
+    pass_index: int = 0
+    dropped_pairs: frozenset[int] = frozenset()   # dropped this pass after sending an earlier one: this pass's pair seeds
+    recover: frozenset[int] = frozenset()         # sent this pass's input but did not sign: shares of the self-mask root
 
 
 @dataclass(frozen=True)
@@ -163,10 +207,12 @@ class UnmaskResponse:
     index: int
     self_mask_shares: tuple[tuple[int, bytes], ...]   # (owner, share of b_owner)
     mask_key_shares: tuple[tuple[int, bytes], ...]    # (owner, share of s_owner's secret key)
+    own_seed: bytes = b""                             # multi-pass: this pass's own self-mask seed
+    pair_seeds: tuple[tuple[int, bytes], ...] = ()    # multi-pass: (dropped peer, this pass's pair seed with it)
 
 
 ClientMessage = AdvertiseKeys | ShareKeys | MaskedInput | ConsistencySignature | UnmaskResponse
-ServerMessage = KeysBroadcast | SharesDelivery | ConsistencyRequest | UnmaskRequest
+ServerMessage = KeysBroadcast | SharesDelivery | PassStart | ConsistencyRequest | UnmaskRequest
 
 PHASE_OF: dict[type, Phase] = {
     AdvertiseKeys: Phase.ADVERTISE_KEYS,

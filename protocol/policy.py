@@ -40,6 +40,7 @@ class ClientPolicy:
     max_dim: int = 1 << 25               # encoded words the client will mask
     min_chunk_words: int = 1024          # refuse a server that asks for tinier masked-input chunks (a message per word)
     allow_regrouping: bool = False       # accept reshuffled groups, or a group that changes inside an epoch
+    max_passes: int = 10                 # multi-pass rounds: each pass reveals one more sum of our input
 
     def __post_init__(self) -> None:
         if self.min_group_size < 2:
@@ -48,6 +49,8 @@ class ClientPolicy:
             raise ValueError("min_neighbors must be at least 2 (or None for the recommended degree)")
         if self.max_members < self.min_group_size or self.max_dim < 1 or self.min_chunk_words < 1:
             raise ValueError("max_members must be >= min_group_size, max_dim and min_chunk_words positive")
+        if self.max_passes < 1:
+            raise ValueError("max_passes must be at least 1")
 
     @classmethod
     def semi_honest(cls, **changes: object) -> ClientPolicy:
@@ -92,6 +95,8 @@ class ClientPolicy:
             raise PolicyViolation("members", m, f"at most {self.max_members} (max_members)")
         if config.dim > self.max_dim:
             raise PolicyViolation("dim", config.dim, f"at most {self.max_dim} words (max_dim)")
+        if config.passes > self.max_passes:
+            raise PolicyViolation("passes", config.passes, f"at most {self.max_passes} (max_passes): each pass reveals another sum")
         if config.mode is Mode.SEMI_HONEST:
             if pinned:
                 raise PolicyViolation("mode", "semi-honest", "active: pinned identities are only checked in active mode")

@@ -18,7 +18,7 @@ from . import graph, prg, shamir, signatures
 from .aead import NONCE_BYTES
 from .deadlines import PhaseBudget
 from .errors import AbortError, DropReason, LocalProtocolError, RemoteProtocolError
-from .keys import KeyPair, Purpose, agree, pair_keys
+from .keys import KeyPair, Purpose, agree, pair_keys, pass_self_seed
 from .messages import (
     PHASE_OF,
     AdvertiseKeys,
@@ -30,6 +30,7 @@ from .messages import (
     KeysBroadcast,
     MaskedInput,
     Mode,
+    PassStart,
     Phase,
     ServerMessage,
     ShareKeys,
@@ -100,11 +101,23 @@ class ServerMachine:
         self.result: AggregateResult | None = None
         self.unmask_expansions = 0   # PRG expansions the unmasking did (the bound of docs/performance.md counts them)
         self.abort_reason = ""
+        # multi-pass: the coordinator opens each pass with start_pass(public) once every group's
+        # previous sum is known; results[p - 1] is pass p's sum
+        self.pass_index = 0
+        self.awaiting_pass = False
+        self.results: list[AggregateResult] = []
+        self._participants: frozenset[int] = frozenset()
+        self._pass_binding = b""
+        self._ever_survived: set[int] = set()
+        self._root_recovered: set[int] = set()
+        self._pass_commitments: dict[int, tuple[bytes, ...]] = {}
+        self._request: UnmaskRequest | None = None
+        self._coeff_cache: dict[tuple[int, ...], dict[int, int]] = {}   # responder set -> Lagrange coefficients
 
     # -- bookkeeping ---------------------------------------------------------------------
     def waiting_for(self) -> frozenset[int]:
         """Clients still expected to send this phase's message."""
-        if self.state is not ServerState.RUNNING:
+        if self.state is not ServerState.RUNNING or self.awaiting_pass:
             return frozenset()
         return frozenset(self.alive - set(self.received[self.phase]))
 
@@ -142,8 +155,9 @@ class ServerMachine:
             raise RemoteProtocolError(f"client {index} already left this round", index=index, reason=DropReason.NOT_A_MEMBER)
         if index in self.received[phase]:
             raise self._reject(index, DropReason.DUPLICATE, f"client {index} already sent its {phase.label} message")
-        if phase is not self.phase:
-            raise self._reject(index, DropReason.OUT_OF_PHASE, f"{phase.label} message from client {index} during {self.phase.label}")
+        if phase is not self.phase or self.awaiting_pass:
+            during = "the wait for the next pass" if self.awaiting_pass else self.phase.label
+            raise self._reject(index, DropReason.OUT_OF_PHASE, f"{phase.label} message from client {index} during {during}")
         getattr(self, f"_on_{phase.label}")(msg)
         # A masked vector lives on only inside the running sum: keep a marker, not the vector.
         self.received[phase][index] = None if phase is Phase.MASKED_INPUT else msg  # type: ignore[assignment]
@@ -181,6 +195,9 @@ class ServerMachine:
             raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: share ciphertexts must be {SHARE_CIPHERTEXT_BYTES} bytes")
         if len(msg.self_mask_commitment) != 32:
             raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: self-mask commitment must be 32 bytes")
+        want = self.config.passes if self.config.multipass else 0
+        if len(msg.pass_commitments) != want or any(len(c) != 32 for c in msg.pass_commitments):
+            raise self._reject(msg.index, DropReason.MALFORMED, f"client {msg.index}: needs {want} 32-byte pass commitments")
 
     def _on_masked_input(self, msg: MaskedInput) -> None:
         v = msg.vector
@@ -192,12 +209,15 @@ class ServerMachine:
     def _on_consistency_check(self, msg: ConsistencySignature) -> None:
         try:
             keys = self._u1[msg.index]
-            body = signatures.consistency_message(self.config.digest, msg.index, keys.c_public, keys.s_public, self._u3, frozenset(self._u1))
+            body = signatures.consistency_message(self.config.digest, msg.index, keys.c_public, keys.s_public, self._u3, frozenset(self._u1),
+                                                  self._pass_binding)
             signatures.verify(self._identities[msg.index], msg.signature, body, index=msg.index)
         except RemoteProtocolError as exc:
             raise self._reject(msg.index, DropReason.BAD_SIGNATURE, str(exc)) from None
 
     def _on_unmasking(self, msg: UnmaskResponse) -> None:
+        if self.config.multipass:
+            return self._on_pass_unmasking(msg)
         u = msg.index
         want_b = self._u3 & self.holders(u)
         want_s = (self._u2 - self._u3) & self.neighbors[u]
@@ -211,7 +231,10 @@ class ServerMachine:
 
     # -- phase transitions ---------------------------------------------------------------
     def ready_to_close(self, now: float) -> bool:
-        """Every expected message is in, or the phase deadline has passed."""
+        """Every expected message is in, or the phase deadline has passed (never while a
+        multi-pass group waits for its next pass: that is ``start_pass``)."""
+        if self.awaiting_pass:
+            return False
         return not self.waiting_for() or (self.deadline is not None and now >= self.deadline)
 
     def close_phase(self, now: float | None = None) -> dict[int, ServerMessage]:
@@ -219,6 +242,8 @@ class ServerMachine:
         with ``now`` the next phase's deadline starts then."""
         if self.state is not ServerState.RUNNING:
             raise LocalProtocolError(f"group is {self.state.value}")
+        if self.awaiting_pass:
+            raise LocalProtocolError(f"group waits for pass {self.pass_index + 1}: call start_pass")
         for late in self.waiting_for():
             self.drop(late, DropReason.TIMEOUT, f"no {self.phase.label} message before the deadline")
         got = self.received[self.phase]
@@ -226,7 +251,9 @@ class ServerMachine:
             raise self._abort(f"only {len(got)} clients completed {self.phase.label}, threshold is {self.config.threshold}")
         out = getattr(self, f"_close_{self.phase.label}")()
         nxt = NEXT_PHASE[self.config.mode][self.phase]
-        if nxt is None:
+        if self.config.multipass and (self.phase is Phase.SHARE_KEYS or (nxt is None and self.pass_index < self.config.passes)):
+            self.phase, self.awaiting_pass, self.deadline = Phase.MASKED_INPUT, True, None
+        elif nxt is None:
             self.state = ServerState.DONE
             self.deadline = None
         else:
@@ -254,6 +281,7 @@ class ServerMachine:
                 if s.receiver in inbox:
                     inbox[s.receiver].append(s)
         self._commitments = {u: sent[u].self_mask_commitment for u in self._u2}
+        self._pass_commitments = {u: sent[u].pass_commitments for u in self._u2}
         # forwarded: keep who sent, not the O(m^2) ciphertexts
         self.received[Phase.SHARE_KEYS] = dict.fromkeys(sent)  # type: ignore[assignment]
         return {v: SharesDelivery(v, tuple(inbox[v])) for v in sorted(self._u2)}
@@ -262,67 +290,160 @@ class ServerMachine:
         self._u3 = frozenset(self.received[Phase.MASKED_INPUT])
         if self.config.mode is Mode.ACTIVE:
             return {u: ConsistencyRequest(self._u3) for u in sorted(self._u3 & self.alive)}
-        req = UnmaskRequest(self._u3, self._u2 - self._u3)
+        req = self._unmask_request((), frozenset())
         return {u: req for u in sorted(self._u3 & self.alive)}
 
     def _close_consistency_check(self) -> dict[int, ServerMessage]:
         sigs: dict[int, ConsistencySignature] = self.received[Phase.CONSISTENCY_CHECK]  # type: ignore[assignment]
-        dropped = self._u2 - self._u3
+        signed = frozenset(sigs)
         if not self.config.sparse:
-            req = UnmaskRequest(self._u3, dropped, tuple(sigs[i] for i in sorted(sigs)))
+            req = self._unmask_request(tuple(sigs[i] for i in sorted(sigs)), signed)
             return {u: req for u in sorted(sigs)}
         # SecAgg+: a member checks the signatures of its own neighbourhood only, so it gets only
         # those (O(k) per member, not O(m): the broadcast of every signature was O(m^2) bytes)
-        signed = frozenset(sigs)
-        return {u: UnmaskRequest(self._u3, dropped, tuple(sigs[i] for i in sorted(self.holders(u) & signed))) for u in sorted(sigs)}
+        return {u: self._unmask_request(tuple(sigs[i] for i in sorted(self.holders(u) & signed)), signed) for u in sorted(sigs)}
+
+    def _unmask_request(self, sigs: tuple[ConsistencySignature, ...], signed: frozenset[int]) -> UnmaskRequest:
+        if not self.config.multipass:
+            return UnmaskRequest(self._u3, self._u2 - self._u3, sigs)
+        gone = self._participants - self._u3
+        fresh = frozenset(w for w in gone if w not in self._ever_survived)   # no self seed of theirs ever revealed
+        recover = self._u3 - signed if self.config.mode is Mode.ACTIVE else frozenset()
+        self._request = UnmaskRequest(self._u3, fresh, sigs, self.pass_index, gone - fresh, recover)
+        return self._request
 
     def _close_unmasking(self) -> dict[int, ServerMessage]:
-        self.result = self._unmask()
+        self.result = self._unmask_pass() if self.config.multipass else self._unmask()
+        self.results.append(self.result)
         return {}
+
+    # -- multi-pass ----------------------------------------------------------------------
+    def start_pass(self, public: np.ndarray, now: float | None = None) -> dict[int, ServerMessage]:
+        """Open the next pass for the survivors of the last one (every sender of shares for the
+        first), all seeing the same ``public`` value; returns the PassStart for each."""
+        if self.state is not ServerState.RUNNING or not self.awaiting_pass:
+            raise LocalProtocolError("start_pass is only valid while a multi-pass group waits for its next pass")
+        p = self.pass_index + 1
+        eligible = self._u2 if p == 1 else self._u3 - self._root_recovered
+        for u in sorted(self.alive - eligible):
+            self.drop(u, DropReason.NOT_A_MEMBER, f"not a survivor of pass {p - 1}")
+        participants = frozenset(self.alive & eligible)
+        if len(participants) < self.config.threshold:
+            raise self._abort(f"only {len(participants)} clients can take part in pass {p}, threshold is {self.config.threshold}")
+        start = PassStart(p, participants, np.array(public, dtype=np.float64))
+        self.pass_index, self.awaiting_pass, self._participants, self._pass_binding = p, False, participants, start.digest
+        for ph in (Phase.MASKED_INPUT, Phase.CONSISTENCY_CHECK, Phase.UNMASKING):
+            self.received[ph] = {}
+        self._sum = np.zeros(self.config.dim, dtype=self.config.dtype)
+        self._u3, self._request, self.result = frozenset(), None, None
+        if self.phase_seconds is not None and now is not None:
+            self.deadline = now + self.phase_seconds
+        return {u: start for u in sorted(participants)}
+
+    def pass_peers(self, u: int) -> frozenset[int]:
+        """Whom u masked with this pass: its neighbours among this pass's participants."""
+        return self.neighbors[u] & self._participants
+
+    def _on_pass_unmasking(self, msg: UnmaskResponse) -> None:
+        u, req = msg.index, self._request
+        assert req is not None
+        want_root = req.recover & self.holders(u) - {u}
+        want_s = req.dropped & self.neighbors[u]
+        want_pairs = req.dropped_pairs & self.pass_peers(u)
+        got_root = [o for o, _ in msg.self_mask_shares]
+        got_s = [o for o, _ in msg.mask_key_shares]
+        got_pairs = [o for o, _ in msg.pair_seeds]
+        if sorted(got_root) != sorted(want_root) or sorted(got_s) != sorted(want_s) or sorted(got_pairs) != sorted(want_pairs):
+            raise self._reject(u, DropReason.MALFORMED, f"client {u}: expected self-mask root shares of {sorted(want_root)}, mask-key "
+                               f"shares of {sorted(want_s)} and pass-{self.pass_index} pair seeds with {sorted(want_pairs)}")
+        for _, share in msg.self_mask_shares + msg.mask_key_shares:
+            if len(share) != shamir.SHARE_BYTES or share[0] > 1:
+                raise self._reject(u, DropReason.MALFORMED, f"client {u}: a share is not a field element")
+        if any(len(seed) != prg.SEED_BYTES for _, seed in msg.pair_seeds):
+            raise self._reject(u, DropReason.MALFORMED, f"client {u}: a pair seed is not {prg.SEED_BYTES} bytes")
+        committed = self._pass_commitments[u][self.pass_index - 1]
+        if signatures.pass_seed_commitment(self.config.digest, u, self.pass_index, msg.own_seed) != committed:
+            raise self._reject(u, DropReason.MALFORMED, f"client {u}: its pass-{self.pass_index} self-mask seed does not match its commitment")
+
+    def _unmask_pass(self) -> AggregateResult:
+        """Pass p's sum: each survivor's pass-p self mask from its own seed (or, for one that sent
+        its input and did not sign, from its reconstructed root); a member that dropped before its
+        input has its pass-p pair masks removed, from its mask key if no pass of it was ever
+        unmasked, else from the pair seeds its peers reveal."""
+        cfg, p, req = self.config, self.pass_index, self._request
+        assert req is not None
+        responses: dict[int, UnmaskResponse] = self.received[Phase.UNMASKING]  # type: ignore[assignment]
+        tag, session = cfg.pass_tag(p), cfg.digest
+        total = self._sum.copy()
+        roots, keys = _by_owner(responses, "self_mask_shares"), _by_owner(responses, "mask_key_shares")
+        self.unmask_expansions = len(self._u3) + sum(len(self._u3 & self.neighbors[v]) for v in req.dropped | req.dropped_pairs)
+        for u in sorted(self._u3):
+            if u in responses:
+                seed = responses[u].own_seed
+            elif u in req.recover:
+                root = self._recover_secret(u, roots.get(u, {}), "self-mask root",
+                                            lambda b, u=u, c=self._commitments[u]: signatures.self_mask_commitment(session, u, b) == c)
+                seed = pass_self_seed(root, session=session, index=u, pass_tag=tag)
+                self._root_recovered.add(u)
+            else:
+                raise self._abort(f"client {u} sent pass {p}'s input but neither revealed its pass seed nor can it be recovered "
+                                  "(it signed, then left); group aborted")
+            prg.accumulate(total, seed, subtract=True)
+        for v in sorted(req.dropped):
+            public = self._u1[v].s_public
+            s_private = self._recover_secret(v, keys.get(v, {}), "mask key", lambda k, pk=public: KeyPair.from_private(k).public == pk)
+            peers = {w: self._u1[w].s_public for w in sorted(self._u3 & self.neighbors[v])}
+            for w, seed in pair_keys(s_private, peers, session=session, purpose=Purpose.MASK_SEED, u=v, pass_tag=tag).items():
+                prg.accumulate(total, seed, subtract=v > w)
+        for v in sorted(req.dropped_pairs):
+            for w in sorted(self._u3 & self.neighbors[v]):
+                seed = dict(responses[w].pair_seeds).get(v) if w in responses else None
+                if seed is None:
+                    raise self._abort(f"pass {p}: client {v} left before its input and client {w} after its own; their pair mask "
+                                      "cannot be removed without unmasking an earlier pass; group aborted")
+                prg.accumulate(total, seed, subtract=v > w)
+        self._ever_survived |= self._u3
+        dropped = {i: (ph, r.value) for i, (ph, r, _) in self.dropouts.items()}
+        return AggregateResult(total=total, survivors=self._u3, responders=frozenset(responses), dropped=dropped)
+
+    def _recover_secret(self, owner: int, shares: dict[int, bytes], what: str, valid: Callable[[bytes], bool]) -> bytes:
+        """The first t responders (one Lagrange set for most owners); if the result fails its
+        check (commitment or public key), swap each of them for a spare responder.  The check is
+        cryptographic, so a recovered secret is the right one; which responder lied is not
+        always decidable (a shift can cancel in another subset), so none is blamed."""
+        t = self.config.threshold
+        cache = self._coeff_cache
+
+        def combine(xs: tuple[int, ...]) -> bytes | None:
+            if xs not in cache:
+                cache[xs] = shamir.lagrange_at_zero(xs)
+            try:
+                return shamir.combine(cache[xs], {x: int.from_bytes(shares[x], "big") for x in xs})
+            except ValueError:
+                return None
+
+        ordered = sorted(shares)
+        if len(ordered) < t:
+            raise self._abort(f"only {len(ordered)} shares of client {owner}'s {what}, threshold is {t}")
+        first = tuple(ordered[:t])
+        secret = combine(first)
+        if secret is not None and valid(secret):
+            return secret
+        for spare in ordered[t:]:
+            for liar in first:
+                xs = tuple(sorted((set(first) - {liar}) | {spare}))
+                secret = combine(xs)
+                if secret is not None and valid(secret):
+                    self.inconsistent[owner] = f"inconsistent shares of client {owner}'s {what}; recovered from responders {list(xs)}"
+                    return secret
+        raise self._abort(f"client {owner}'s {what} does not match its commitment from any set of responders "
+                          "(bad shares, or the owner lied); group aborted rather than release a corrupt sum")
 
     # -- unmasking -----------------------------------------------------------------------
     def _unmask(self) -> AggregateResult:
         responses: dict[int, UnmaskResponse] = self.received[Phase.UNMASKING]  # type: ignore[assignment]
-        b_shares: dict[int, dict[int, bytes]] = {}
-        s_shares: dict[int, dict[int, bytes]] = {}
-        for r in responses.values():
-            for owner, share in r.self_mask_shares:
-                b_shares.setdefault(owner, {})[r.index] = share
-            for owner, share in r.mask_key_shares:
-                s_shares.setdefault(owner, {})[r.index] = share
-        coeff_cache: dict[tuple[int, ...], dict[int, int]] = {}
-        t = self.config.threshold
-
-        def combine(xs: tuple[int, ...], shares: dict[int, bytes]) -> bytes | None:
-            if xs not in coeff_cache:
-                coeff_cache[xs] = shamir.lagrange_at_zero(xs)
-            try:
-                return shamir.combine(coeff_cache[xs], {x: int.from_bytes(shares[x], "big") for x in xs})
-            except ValueError:
-                return None
-
-        def recover(owner: int, shares: dict[int, bytes], what: str, valid: Callable[[bytes], bool]) -> bytes:
-            """The first t responders (one Lagrange set for most owners); if the result fails its
-            check (commitment or public key), swap each of them for a spare responder.  The check is
-            cryptographic, so a recovered secret is the right one; which responder lied is not
-            always decidable (a shift can cancel in another subset), so none is blamed."""
-            ordered = sorted(shares)
-            if len(ordered) < t:
-                raise self._abort(f"only {len(ordered)} shares of client {owner}'s {what}, threshold is {t}")
-            first = tuple(ordered[:t])
-            secret = combine(first, shares)
-            if secret is not None and valid(secret):
-                return secret
-            for spare in ordered[t:]:
-                for liar in first:
-                    xs = tuple(sorted((set(first) - {liar}) | {spare}))
-                    secret = combine(xs, shares)
-                    if secret is not None and valid(secret):
-                        self.inconsistent[owner] = f"inconsistent shares of client {owner}'s {what}; recovered from responders {list(xs)}"
-                        return secret
-            raise self._abort(f"client {owner}'s {what} does not match its commitment from any set of responders "
-                              "(bad shares, or the owner lied); group aborted rather than release a corrupt sum")
-
+        b_shares, s_shares = _by_owner(responses, "self_mask_shares"), _by_owner(responses, "mask_key_shares")
+        recover = self._recover_secret
         cfg = self.config
         total = self._sum.copy()
         session = cfg.digest
@@ -340,3 +461,12 @@ class ServerMachine:
                 prg.accumulate(total, seed, subtract=v > w)  # w added PRG(s_wv) iff v > w
         dropped = {i: (p, r.value) for i, (p, r, _) in self.dropouts.items()}
         return AggregateResult(total=total, survivors=self._u3, responders=frozenset(responses), dropped=dropped)
+
+
+def _by_owner(responses: Mapping[int, UnmaskResponse], kind: str) -> dict[int, dict[int, bytes]]:
+    """owner -> {responder: its share of the owner's secret} for one kind of share."""
+    out: dict[int, dict[int, bytes]] = {}
+    for r in responses.values():
+        for owner, share in getattr(r, kind):
+            out.setdefault(owner, {})[r.index] = share
+    return out

@@ -49,15 +49,27 @@ def keys_message(binding: bytes, index: int, c_public: bytes, s_public: bytes) -
 
 
 def consistency_message(binding: bytes, index: int, c_public: bytes, s_public: bytes,
-                        survivors: frozenset[int] | tuple[int, ...], advertised: frozenset[int] | tuple[int, ...]) -> bytes:
+                        survivors: frozenset[int] | tuple[int, ...], advertised: frozenset[int] | tuple[int, ...],
+                        pass_binding: bytes = b"") -> bytes:
     """What a client signs in the consistency check: the survivor set U3 it was told about and the
     set U1 whose keys it was shown, bound to the configuration and to the signer's own round keys,
-    so a signature harvested in another round, group or view verifies nowhere else."""
-    return b"|".join((PROTOCOL_VERSION, b"consistency", binding, index.to_bytes(4, "big"), c_public, s_public,
-                      _indices(survivors), b"u1", _indices(advertised)))
+    so a signature harvested in another round, group or view verifies nowhere else.  In a
+    multi-pass round ``pass_binding`` (``messages.public_digest``: the pass index and its public
+    value) is appended: a signature of one pass is void in another, and members shown different
+    public values cannot complete the pass together."""
+    parts = (PROTOCOL_VERSION, b"consistency", binding, index.to_bytes(4, "big"), c_public, s_public,
+             _indices(survivors), b"u1", _indices(advertised))
+    return b"|".join(parts + ((b"pass", pass_binding) if pass_binding else ()))
 
 
 def self_mask_commitment(binding: bytes, index: int, seed: bytes) -> bytes:
     """SHA-256 commitment to a self-mask seed: the server checks each reconstructed b_u against it,
     so one member's wrong share cannot silently corrupt the sum."""
     return hashlib.sha256(b"|".join((PROTOCOL_VERSION, b"self-mask", binding, index.to_bytes(4, "big"), seed))).digest()
+
+
+def pass_seed_commitment(binding: bytes, index: int, pass_index: int, seed: bytes) -> bytes:
+    """Multi-pass: commitment to pass p's self-mask seed, against which the server checks the
+    seed a survivor reveals for that pass."""
+    return hashlib.sha256(b"|".join((PROTOCOL_VERSION, b"pass-self-mask", binding, index.to_bytes(4, "big"),
+                                     pass_index.to_bytes(4, "big"), seed))).digest()

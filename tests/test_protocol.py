@@ -36,6 +36,7 @@ from secagg.protocol.messages import (
     GroupConfig,
     KeysBroadcast,
     MaskedInput,
+    PassStart,
     Mode,
     Phase,
     ShareKeys,
@@ -1014,6 +1015,8 @@ def _call(c: ClientMachine, method: str) -> object:
         "advertise_keys": (),
         "share_keys": (KeysBroadcast(()),),
         "masked_input": (SharesDelivery(c.index, ()), np.zeros(c.config.dim, dtype=c.config.dtype)),
+        "receive_shares": (SharesDelivery(c.index, ()),),
+        "pass_input": (PassStart(1, frozenset(), np.zeros(0)), np.zeros(c.config.dim, dtype=c.config.dtype)),
         "consistency_check": (ConsistencyRequest(frozenset()),),
         "unmask": (UnmaskRequest(frozenset(), frozenset()),),
     }[method]
