@@ -336,8 +336,8 @@ class ServerMachine:
             self.received[ph] = {}
         self._sum = np.zeros(self.config.dim, dtype=self.config.dtype)
         self._u3, self._request, self.result = frozenset(), None, None
-        if self.phase_seconds is not None and now is not None:
-            self.deadline = now + self.phase_seconds
+        if self.budget is not None and now is not None:
+            self.deadline = now + self.budget.for_group(Phase.MASKED_INPUT, self.config)
         return {u: start for u in sorted(participants)}
 
     def pass_peers(self, u: int) -> frozenset[int]:
