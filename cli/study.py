@@ -22,13 +22,14 @@ _FALSE = {"false", "no", "off", "0"}
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "study", help="sweep group size, robust rule and attack over in-memory federated runs; tables and a plot",
-        description="Run federated learning on the digits task through real secure aggregation for every point of a grid "
-                    "(group size x rule x attack x Byzantine fraction x dropout x bypass x seeds), then write runs.csv, "
-                    "summary.csv, worst_case.md/.csv and accuracy_vs_group_size.png. Lists are comma separated. "
-                    "An attack is NAME or NAME:FIELD=VALUE[:FIELD=VALUE], e.g. scaling:scale=-100 or alie:alie_z=10.")
+        description="Run federated learning (MNIST by default, digits with --quick) through real secure aggregation for "
+                    "every point of a grid (group size x rule x attack x Byzantine fraction x dropout x takeover x "
+                    "data split x momentum x bucketing x seeds), then write runs.csv, summary.csv (95%% confidence "
+                    "intervals), worst_case.md/.csv, worst_over_attacks.md/.csv and accuracy_vs_group_size.png. Lists are "
+                    "comma separated. An attack is NAME or NAME:FIELD=VALUE[:FIELD=VALUE], e.g. scaling:scale=-100.")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory for the tables and the plot")
     p.add_argument("--config", type=Path, metavar="TOML", help="grid file; keys as the flags (group_sizes = [1, 2, 5], ...)")
-    p.add_argument("--quick", action="store_true", help="a small grid (about a minute on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="a small grid on the digits task (under 3 minutes on 2 cores)")
     p.add_argument("--grpc", action="store_true", help="run each point through the multi-process gRPC simulator instead")
     p.add_argument("--seeds", metavar="N", help="seeds 0..N-1 per grid point")
     p.add_argument("--rounds", metavar="R")
@@ -42,10 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--byzantine", metavar="LIST", help="fractions of Byzantine clients (e.g. 0.0,0.2)")
     g.add_argument("--dropout", metavar="LIST", help="fractions of clients that vanish each round (e.g. 0.0,0.1)")
     g.add_argument("--bypass-bounds", nargs="?", const="true", metavar="LIST",
-                   help="attackers skip the client library's bounding; alone means true, or a list such as false,true")
+                   help="group takeover: one attacker per bad group skips the client library, fills the group's check "
+                        "budget and sets the group mean to its target; alone means true, or a list such as false,true")
+    g.add_argument("--non-iid", metavar="LIST", help="data splits: Dirichlet alphas, iid for IID (e.g. iid,1,0.1)")
+    g.add_argument("--momentum", metavar="LIST", help="worker momentum beta of the honest clients (e.g. 0,0.9)")
+    g.add_argument("--bucket", metavar="LIST", help="bucketing sizes s before the rule (1 = none; e.g. 1,2)")
     o = p.add_argument_group("task")
+    o.add_argument("--task", choices=["digits", "mnist"], help="mnist: 784 features (the default grid); digits: fast")
     o.add_argument("--model", choices=["softmax", "mlp"])
-    o.add_argument("--non-iid", metavar="ALPHA", help="Dirichlet alpha of a non-IID split (default IID)")
+    o.add_argument("--assumed-byzantine", metavar="FRACTION",
+                   help="the Byzantine fraction the operator assumes; rules get f from it, never the true count")
     p.add_argument("--jobs", default="0", metavar="N",
                    help="worker processes for in-memory runs (default 0 = one per core; results do not depend on it)")
     p.set_defaults(func=run)
@@ -110,11 +117,25 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
         v["bypass_bounds"] = _bools("--bypass-bounds", args.bypass_bounds)
     if args.model is not None:
         v["model"] = args.model
+    if args.task is not None:
+        v["task"] = args.task
     if args.non_iid is not None:
-        try:
-            v["non_iid"] = float(args.non_iid)
-        except ValueError:
-            raise UsageError(f"--non-iid must be a number (Dirichlet alpha), got {args.non_iid!r}") from None
+        alphas: list[float | None] = []
+        for item in _items("--non-iid", args.non_iid):
+            if item.lower() == "iid":
+                alphas.append(None)
+                continue
+            try:
+                alphas.append(float(item))
+            except ValueError:
+                raise UsageError(f"--non-iid must list Dirichlet alphas or iid, got {item!r}") from None
+        v["non_iid"] = alphas
+    if args.momentum is not None:
+        v["momentum"] = _floats("--momentum", args.momentum)
+    if args.bucket is not None:
+        v["bucket"] = [_int("--bucket", s, 1) for s in _items("--bucket", args.bucket)]
+    if args.assumed_byzantine is not None:
+        v["assumed_byzantine"] = _floats("--assumed-byzantine", args.assumed_byzantine)[0]
     return v
 
 
@@ -150,6 +171,9 @@ def _check_grpc(specs: list) -> None:
     for spec in specs:
         if ":" in spec.attack:
             raise UsageError(f"--grpc takes plain attack names; {spec.attack!r} has parameters")
+        if spec.task != "digits" or spec.momentum or spec.bucket > 1:
+            raise UsageError("--grpc runs the digits task without momentum or bucketing; add --task digits "
+                             "--momentum 0 --bucket 1 (or drop --grpc)")
         try:
             SimConfig(clients=spec.clients, rounds=spec.rounds, dropout=spec.dropout, groups=spec.groups, mode=spec.mode,
                       seed=spec.seed, task="digits").validate()
@@ -181,8 +205,9 @@ def run(args: argparse.Namespace) -> int:
     backend = "gRPC simulator" if args.grpc else f"in memory, {jobs} process(es)"
     console.print(f"[bold]secagg study[/]: {len(specs)} runs ({len(grid.group_sizes)} group sizes x {len(grid.rules)} rules x "
                   f"{len(grid.attacks)} attacks x {len(grid.byzantine)} Byzantine fractions x {len(grid.dropout)} dropout x "
-                  f"{len(grid.bypass_bounds)} bypass x {grid.seeds} seeds, clean points once), {grid.clients} clients, "
-                  f"{grid.rounds} rounds, {backend}")
+                  f"{len(grid.bypass_bounds)} takeover x {len(grid.non_iid)} splits x {len(grid.momentum)} momentum x "
+                  f"{len(grid.bucket)} bucketing x {grid.seeds} seeds, clean points once), {grid.task}, {grid.clients} "
+                  f"clients, {grid.rounds} rounds, {backend}")
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), TextColumn("[dim]{task.fields[last]}"), console=console) as prog:
@@ -201,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     worst = worst_case(rows)
     cell = {(w["rule"], w["attack"]): w for w in worst}
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
-    table = Table(title="worst-case final accuracy (over group sizes, Byzantine fractions, dropout, bypass, seeds)")
+    table = Table(title="worst-case final accuracy (over group sizes, splits, Byzantine fractions, dropout, takeover, seeds)")
     table.add_column("rule")
     for a in attacks:
         table.add_column(a, justify="right")
@@ -214,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             acc = w["worst_final_accuracy"]
             color = "green" if acc >= 0.8 else "yellow" if acc >= 0.5 else "red"
-            cells.append(f"[{color}]{acc:.3f}[/] [dim](g={w['group_size']}{', bypass' if w['bypass_bounds'] else ''})[/]")
+            cells.append(f"[{color}]{acc:.3f}[/] [dim](g={w['group_size']}{', takeover' if w['bypass_bounds'] else ''})[/]")
         table.add_row(rule, *cells)
     console.print(table)
     console.print(f"{len(rows)} runs in {wall:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))

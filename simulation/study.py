@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import math
 import statistics
 import time
@@ -28,6 +29,7 @@ from secagg.protocol.robust import RULES
 
 from .attacks import ATTACKS, AttackConfig, normalize_attack_name
 from .fl import TAIL_ROUNDS, FLConfig, run_in_memory
+from .study_plot import plot_accuracy
 
 __all__ = [
     "DEFAULT",
@@ -45,28 +47,42 @@ __all__ = [
 ]
 
 _ATTACK_FIELDS = {f.name: f.type for f in dataclasses.fields(AttackConfig) if f.name != "name"}
-LIST_KEYS = ("group_sizes", "rules", "attacks", "byzantine", "dropout", "bypass_bounds")
-SCALAR_KEYS = ("seeds", "rounds", "clients", "model", "non_iid", "clip_norm", "lr", "mode")
+LIST_KEYS = ("group_sizes", "rules", "attacks", "byzantine", "dropout", "bypass_bounds", "non_iid", "momentum", "bucket")
+SCALAR_KEYS = ("seeds", "rounds", "clients", "model", "clip_norm", "lr", "mode", "task", "hidden", "local_epochs",
+               "local_momentum", "assumed_byzantine", "server_lr")
 TABLE_KEYS = ("rule_params",)
+
+
+#: Centered clipping as the study runs it: one iteration from the previous aggregate (with
+#: worker momentum one suffices, Karimireddy, He, Jaggi 2021), tau fixed (see docs/study.md).
+CCLIP = {"centered_clipping": {"tau": 1.0, "iters": 1}}
 
 
 @dataclass(frozen=True)
 class StudyGrid:
-    group_sizes: tuple[int, ...] = (1, 2, 3, 5, 10, 15)
-    rules: tuple[str, ...] = ("mean", "median", "trimmed_mean", "krum", "geometric_median")
-    attacks: tuple[str, ...] = ("none", "sign_flip", "alie", "scaling", "alie:alie_z=10", "scaling:scale=-100")
+    group_sizes: tuple[int, ...] = (1, 5)
+    rules: tuple[str, ...] = ("mean", "median", "trimmed_mean", "krum", "centered_clipping")
+    attacks: tuple[str, ...] = ("none", "alie", "ipm", "takeover", "fang_krum", "fang_trim", "min_max", "min_sum")
     byzantine: tuple[float, ...] = (0.2,)
     dropout: tuple[float, ...] = (0.0,)
-    bypass_bounds: tuple[bool, ...] = (False,)
-    seeds: int = 3
-    rounds: int = 15
-    clients: int = 30
-    model: str = "softmax"
-    non_iid: float | None = None
-    clip_norm: float = 5.0
-    lr: float = 0.5
+    bypass_bounds: tuple[bool, ...] = (False, True)
+    non_iid: tuple[float | None, ...] = (1.0, 0.1)   # Dirichlet alphas; None = IID
+    momentum: tuple[float, ...] = (0.9,)             # worker momentum beta
+    bucket: tuple[int, ...] = (1, 2)                 # bucketing size s
+    seeds: int = 5
+    rounds: int = 30
+    clients: int = 25
+    model: str = "mlp"
+    clip_norm: float = 10.0
+    lr: float = 0.1
     mode: str = "semi-honest"
-    rule_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)   # rule -> its parameters
+    task: str = "mnist"
+    hidden: int = 32
+    local_epochs: int = 2
+    local_momentum: float = 0.9
+    assumed_byzantine: float = 0.2
+    server_lr: float = 1.0
+    rule_params: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: dict(CCLIP))   # rule -> its parameters
 
     def validate(self) -> StudyGrid:
         """Raise ValueError (one line, naming the key) for anything a run would reject."""
@@ -91,6 +107,12 @@ class StudyGrid:
             need(_is_real(d) and 0.0 <= d < 1.0, f"dropout fraction {d!r} must be in [0, 1)")
         for v in self.bypass_bounds:
             need(isinstance(v, bool), f"bypass_bounds values must be true or false, got {v!r}")
+        for a in self.non_iid:
+            need(a is None or (_is_real(a) and a > 0), f"non_iid value {a!r} must be a Dirichlet alpha > 0 (or iid)")
+        for m in self.momentum:
+            need(_is_real(m) and 0.0 <= m < 1.0, f"momentum {m!r} must be in [0, 1)")
+        for b in self.bucket:
+            need(_is_int(b) and b >= 1, f"bucket size {b!r} must be an integer >= 1")
         for r in self.rule_params:
             need(r in RULES, f"rule_params names unknown rule {r!r}")
         # let FLConfig check the rest (model, non_iid, clip_norm, lr, mode, precision overflow)
@@ -107,18 +129,31 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-#: The default grid of ``secagg study`` (several minutes).
+#: The default grid of ``secagg study``: MNIST, 25 clients, 30 rounds (clean accuracy within 2
+#: points of the plateau, docs/study.md), 5 seeds; thousands of runs, hours on 2 cores.
 DEFAULT = StudyGrid()
 
-#: ``secagg study --quick``: the same questions on a smaller grid (about a minute on 2 cores).
+#: ``secagg study --quick``: the same questions on the fast digits task (under 3 minutes on 2 cores).
 QUICK = StudyGrid(
-    group_sizes=(1, 2, 5, 10),
-    rules=("mean", "median", "trimmed_mean", "krum", "geometric_median"),
-    attacks=("none", "sign_flip", "alie:alie_z=10", "scaling:scale=-100"),
+    group_sizes=(1, 5),
+    rules=("mean", "median", "krum", "centered_clipping"),
+    attacks=("none", "alie", "ipm", "takeover", "min_max"),
     byzantine=(0.2,),
     bypass_bounds=(False, True),
+    non_iid=(0.3,),
+    momentum=(0.9,),
+    bucket=(1,),
     seeds=2,
-    rounds=10,
+    rounds=15,
+    clients=25,
+    model="softmax",
+    clip_norm=5.0,
+    lr=0.5,
+    task="digits",
+    hidden=32,
+    local_epochs=1,
+    local_momentum=0.0,
+    rule_params={"centered_clipping": {"tau": 0.5, "iters": 1}},
 )
 
 
@@ -164,12 +199,13 @@ def grid_from_mapping(values: Mapping[str, Any], base: StudyGrid = DEFAULT, *, s
         raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
     kw: dict[str, Any] = {}
     for key, v in values.items():
-        if key in LIST_KEYS:
+        if key in LIST_KEYS and key != "non_iid":
             if not isinstance(v, (list, tuple)):
                 raise ValueError(f"{source}: {key} must be a list, got {v!r}")
             kw[key] = tuple(_canonical_attack(t) for t in v) if key == "attacks" else tuple(v)
-        elif key == "non_iid":  # TOML has no null: 0, false or "iid" mean IID
-            kw[key] = None if v in (0, False, "iid", "none", None) else v
+        elif key == "non_iid":  # TOML has no null: 0, false or "iid" mean IID; a scalar is a one-value list
+            vals = v if isinstance(v, (list, tuple)) else [v]
+            kw[key] = tuple(None if a in (0, False, "iid", "none", None) else a for a in vals)
         elif key == "rule_params":
             if not isinstance(v, Mapping) or not all(isinstance(p, Mapping) for p in v.values()):
                 raise ValueError(f"{source}: rule_params must be a table of tables, e.g. [rule_params.trimmed_mean] trim = 2")
@@ -196,6 +232,14 @@ class RunSpec:
     lr: float
     mode: str
     rule_params: tuple[tuple[str, Any], ...] = ()
+    momentum: float = 0.0
+    bucket: int = 1
+    task: str = "digits"
+    hidden: int = 32
+    local_epochs: int = 1
+    local_momentum: float = 0.0
+    assumed_byzantine: float = 0.2
+    server_lr: float = 1.0
 
     @property
     def groups(self) -> int:
@@ -205,12 +249,18 @@ class RunSpec:
         return FLConfig(clients=self.clients, rounds=self.rounds, groups=self.groups, model=self.model,
                         non_iid=self.non_iid, attack=parse_attack(self.attack), byzantine=self.byzantine,
                         bypass_bounds=self.bypass_bounds, clip_norm=self.clip_norm, lr=self.lr, rule=self.rule,
-                        rule_params=dict(self.rule_params), dropout=self.dropout, mode=self.mode, seed=self.seed)
+                        rule_params=dict(self.rule_params), dropout=self.dropout, mode=self.mode, seed=self.seed,
+                        momentum=self.momentum, bucket=self.bucket, task=self.task, hidden=self.hidden,
+                        local_epochs=self.local_epochs, local_momentum=self.local_momentum,
+                        assumed_byzantine=self.assumed_byzantine, server_lr=self.server_lr)
 
     def label(self) -> str:
-        extra = "" if self.attack == "none" else f" byz {self.byzantine:g}{' bypass' if self.bypass_bounds else ''}"
+        extra = "" if self.attack == "none" else f" byz {self.byzantine:g}{' takeover' if self.bypass_bounds else ''}"
         drop = f" drop {self.dropout:g}" if self.dropout else ""
-        return f"g={self.group_size} {self.rule} {self.attack}{extra}{drop} seed {self.seed}"
+        knobs = f" s={self.bucket}" if self.bucket > 1 else ""
+        knobs += f" beta={self.momentum:g}" if self.momentum else ""
+        split = "iid" if self.non_iid is None else f"alpha={self.non_iid:g}"
+        return f"g={self.group_size} {split} {self.rule}{knobs} {self.attack}{extra}{drop} seed {self.seed}"
 
 
 def expand(grid: StudyGrid) -> list[RunSpec]:
@@ -222,41 +272,43 @@ def expand(grid: StudyGrid) -> list[RunSpec]:
             for bypass in grid.bypass_bounds:
                 clean = parse_attack(attack).name == "none" or byz == 0
                 a, b, bp = ("none", 0.0, False) if clean else (attack, float(byz), bool(bypass))
-                for g in grid.group_sizes:
-                    for rule in grid.rules:
-                        for drop in grid.dropout:
-                            for seed in range(grid.seeds):
-                                spec = RunSpec(group_size=int(g), rule=rule, attack=a, byzantine=b, dropout=float(drop),
-                                               bypass_bounds=bp, seed=seed, clients=grid.clients, rounds=grid.rounds,
-                                               model=grid.model, non_iid=grid.non_iid, clip_norm=float(grid.clip_norm),
-                                               lr=float(grid.lr), mode=grid.mode,
-                                               rule_params=tuple(sorted(dict(grid.rule_params.get(rule, {})).items())))
-                                if spec not in seen:
-                                    seen.add(spec)
-                                    out.append(spec)
+                for g, rule, drop, alpha, mom, s, seed in itertools.product(
+                        grid.group_sizes, grid.rules, grid.dropout, grid.non_iid, grid.momentum, grid.bucket,
+                        range(grid.seeds)):
+                    spec = RunSpec(group_size=int(g), rule=rule, attack=a, byzantine=b, dropout=float(drop),
+                                   bypass_bounds=bp, seed=seed, clients=grid.clients, rounds=grid.rounds,
+                                   model=grid.model, non_iid=alpha, clip_norm=float(grid.clip_norm),
+                                   lr=float(grid.lr), mode=grid.mode,
+                                   rule_params=tuple(sorted(dict(grid.rule_params.get(rule, {})).items())),
+                                   momentum=float(mom), bucket=int(s), task=grid.task, hidden=grid.hidden,
+                                   local_epochs=grid.local_epochs, local_momentum=float(grid.local_momentum),
+                                   assumed_byzantine=float(grid.assumed_byzantine), server_lr=float(grid.server_lr))
+                    if spec not in seen:
+                        seen.add(spec)
+                        out.append(spec)
     return out
 
 
 # ------------------------------------------------------------------------------------ running
 
 ROW_FIELDS = ("group_size", "groups", "rule", "attack", "byzantine", "dropout", "bypass_bounds", "seed", "clients",
-              "rounds", "model", "non_iid", "backend", "final_accuracy", "worst_accuracy", "backdoor_asr",
-              "rejected_groups", "aborted_groups", "seconds")
+              "rounds", "task", "model", "non_iid", "momentum", "bucket", "backend", "final_accuracy", "worst_accuracy",
+              "minority_accuracy", "backdoor_asr", "rejected_groups", "aborted_groups", "seconds")
 
 
 def _axes(spec: RunSpec, backend: str) -> dict[str, Any]:
     return {"group_size": spec.group_size, "groups": spec.groups, "rule": spec.rule, "attack": spec.attack,
             "byzantine": spec.byzantine, "dropout": spec.dropout, "bypass_bounds": spec.bypass_bounds,
-            "seed": spec.seed, "clients": spec.clients, "rounds": spec.rounds, "model": spec.model,
-            "non_iid": spec.non_iid, "backend": backend}
+            "seed": spec.seed, "clients": spec.clients, "rounds": spec.rounds, "task": spec.task, "model": spec.model,
+            "non_iid": spec.non_iid, "momentum": spec.momentum, "bucket": spec.bucket, "backend": backend}
 
 
 def run_spec(spec: RunSpec) -> dict[str, Any]:
     """One in-memory run -> one row (top level so a process pool can call it)."""
     res = run_in_memory(spec.fl_config())
     return {**_axes(spec, "memory"), "final_accuracy": res.final_accuracy, "worst_accuracy": res.worst_accuracy,
-            "backdoor_asr": res.final_backdoor_asr, "rejected_groups": res.rejected_total,
-            "aborted_groups": res.aborted_total, "seconds": res.seconds}
+            "minority_accuracy": res.minority_accuracy, "backdoor_asr": res.final_backdoor_asr,
+            "rejected_groups": res.rejected_total, "aborted_groups": res.aborted_total, "seconds": res.seconds}
 
 
 def run_spec_grpc(spec: RunSpec) -> dict[str, Any]:
@@ -307,9 +359,21 @@ def run_study(specs: Sequence[RunSpec], *, jobs: int = 1, grpc: bool = False,
 # ------------------------------------------------------------------------------------ tables
 
 GROUP_KEYS = ("group_size", "groups", "rule", "attack", "byzantine", "dropout", "bypass_bounds", "clients", "rounds",
-              "model", "non_iid", "backend")
-SUMMARY_FIELDS = GROUP_KEYS + ("seeds", "final_accuracy_mean", "final_accuracy_std", "final_accuracy_min",
-                               "worst_accuracy_min", "backdoor_asr_mean", "rejected_groups_mean", "seconds_mean")
+              "task", "model", "non_iid", "momentum", "bucket", "backend")
+SUMMARY_FIELDS = GROUP_KEYS + ("seeds", "final_accuracy_mean", "final_accuracy_ci95", "final_accuracy_std",
+                               "final_accuracy_min", "worst_accuracy_min", "minority_accuracy_mean",
+                               "minority_accuracy_ci95", "backdoor_asr_mean", "rejected_groups_mean", "seconds_mean")
+
+
+def ci95(xs: Sequence[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean: t_{0.975, k-1} * s / sqrt(k)
+    (Student t, sample std); 0 for one value, since one seed gives no interval."""
+    vals = [x for x in xs if x is not None and not math.isnan(x)]
+    if len(vals) < 2:
+        return 0.0
+    from scipy.stats import t  # scipy comes with scikit-learn (the sim extra)
+
+    return float(t.ppf(0.975, len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals)))
 
 
 def _mean(xs: Iterable[float]) -> float:
@@ -326,7 +390,10 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for key, rs in groups.items():
         acc = [r["final_accuracy"] for r in rs]
         asr = [r["backdoor_asr"] for r in rs if r["backdoor_asr"] is not None]
+        minority = [r.get("minority_accuracy") for r in rs]
         out.append({**dict(zip(GROUP_KEYS, key)), "seeds": len(rs), "final_accuracy_mean": _mean(acc),
+                    "final_accuracy_ci95": ci95(acc),
+                    "minority_accuracy_mean": _mean(minority), "minority_accuracy_ci95": ci95(minority),
                     "final_accuracy_std": statistics.pstdev(acc) if len(acc) > 1 else 0.0,
                     "final_accuracy_min": min(acc), "worst_accuracy_min": min(r["worst_accuracy"] for r in rs),
                     "backdoor_asr_mean": _mean(asr) if asr else None,
@@ -373,7 +440,7 @@ def worst_case_markdown(worst: Sequence[Mapping[str, Any]], rules: Sequence[str]
             if w is None:
                 row.append("–")
             else:
-                where = f"g={w['group_size']}" + (", bypass" if w["bypass_bounds"] else "")
+                where = f"g={w['group_size']}" + (", takeover" if w["bypass_bounds"] else "")
                 row.append(f"{w['worst_final_accuracy']:.3f} ({where})")
         lines.append(f"| {r} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -393,77 +460,46 @@ def _write_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, An
             w.writerow({k: _fmt(r.get(k)) for k in fields})
 
 
-def plot_accuracy(summary: Sequence[Mapping[str, Any]], path: Path, *, rules: Sequence[str] = (), attacks: Sequence[str] = (),
-                  title: str = "") -> None:
-    """One panel per attack: x = group size (log), y = mean final accuracy over seeds +- std, a line per rule
-    (line style per Byzantine fraction / dropout / bypass when several), the clean mean as a grey band."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    ats = _ordered((s["attack"] for s in summary), attacks)
-    rls = _ordered((s["rule"] for s in summary), rules)
-    ncol = len(ats) if len(ats) <= 3 else 2 if len(ats) == 4 else 3
-    nrow = math.ceil(len(ats) / ncol)
-    fig = Figure(figsize=(4.6 * ncol, 3.6 * nrow + 0.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrow, ncol, squeeze=False, sharey=True)
-    colors = {r: f"C{i % 10}" for i, r in enumerate(rls)}
-    styles = ["-", "--", ":", "-."]
-    sizes = sorted({s["group_size"] for s in summary})
-    # reference: the clean runs of the plain mean (or, without them, the best clean rule per size)
-    clean_rows = [s for s in summary if s["attack"] == "none" and not s["dropout"]]
-    ref_rule = "mean" if any(s["rule"] == "mean" for s in clean_rows) else "best rule"
-    clean: dict[int, float] = {}
-    for s in clean_rows:
-        if ref_rule == "best rule" or s["rule"] == "mean":
-            clean[s["group_size"]] = max(clean.get(s["group_size"], 0.0), s["final_accuracy_mean"])
-    handles: dict[str, Any] = {}
-    for k, attack in enumerate(ats):
-        ax = axes[k // ncol][k % ncol]
-        rows = [s for s in summary if s["attack"] == attack]
-        variants = sorted({(s["byzantine"], s["dropout"], s["bypass_bounds"]) for s in rows})
-        if clean and attack != "none":
-            xs = sorted(clean)
-            h = ax.plot(xs, [clean[x] for x in xs], color="0.55", lw=4, alpha=0.35, zorder=0)[0]
-            handles.setdefault(f"clean ({ref_rule})", h)
-        for v_i, variant in enumerate(variants):
-            for rule in rls:
-                pts = sorted((s["group_size"], s["final_accuracy_mean"], s["final_accuracy_std"]) for s in rows
-                             if s["rule"] == rule and (s["byzantine"], s["dropout"], s["bypass_bounds"]) == variant)
-                if not pts:
-                    continue
-                x, y, e = zip(*pts)
-                h = ax.errorbar(x, y, yerr=e, color=colors[rule], ls=styles[v_i % len(styles)], marker="o", ms=3.5,
-                                capsize=2.5, lw=1.4, alpha=0.9)
-                handles.setdefault(rule, h)
-        ax.set_xscale("log")
-        ax.set_xticks(sizes, [str(s) for s in sizes])
-        ax.minorticks_off()
-        ax.set_ylim(0.0, 1.0)
-        ax.grid(alpha=0.3)
-        sub = "clean" if attack == "none" else attack
-        if len(variants) > 1 or attack != "none":
-            sub += "\n" + ", ".join(_variant_label(v) + f" ({styles[i % len(styles)]})" for i, v in enumerate(variants))
-        ax.set_title(sub, fontsize=9)
-        if k % ncol == 0:
-            ax.set_ylabel("final test accuracy")
-        if k // ncol == nrow - 1:
-            ax.set_xlabel("group size (clients per secure-aggregation group)")
-    for k in range(len(ats), nrow * ncol):
-        axes[k // ncol][k % ncol].set_visible(False)
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 6), fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
+WORST_OVER_ATTACKS_FIELDS = ("rule", "non_iid", "group_size", "bucket", "momentum", "bypass_bounds", "byzantine",
+                             "dropout", "seeds", "clean_accuracy", "clean_minority_accuracy", "worst_attack",
+                             "worst_accuracy_mean", "worst_accuracy_ci95")
 
 
-def _variant_label(v: tuple[float, float, bool]) -> str:
-    byz, drop, bypass = v
-    parts = [f"byz {byz:g}" if byz else "no attackers"]
-    if drop:
-        parts.append(f"dropout {drop:g}")
-    parts.append("bypass" if bypass else "bounded")
-    return " ".join(parts)
+def worst_over_attacks(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per rule and setting: the attack with the lowest seed-mean accuracy, its mean and 95% CI,
+    beside the clean accuracy (and the minorities' clean accuracy) of the same rule and setting."""
+    def setting(s: Mapping[str, Any]) -> tuple:
+        return (s["rule"], s.get("non_iid"), s["group_size"], s.get("bucket"), s.get("momentum"))
+
+    clean = {setting(s): s for s in summary if s["attack"] == "none"}
+    cells: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
+    for s in summary:
+        if s["attack"] != "none":
+            cells[setting(s) + (s["bypass_bounds"], s["byzantine"], s["dropout"])].append(s)
+    out = []
+    for key, ss in cells.items():
+        w = min(ss, key=lambda s: (s["final_accuracy_mean"], s["attack"]))
+        c = clean.get(key[:5], {})
+        out.append({"rule": key[0], "non_iid": key[1], "group_size": key[2], "bucket": key[3], "momentum": key[4],
+                    "bypass_bounds": key[5], "byzantine": key[6], "dropout": key[7], "seeds": w["seeds"],
+                    "clean_accuracy": c.get("final_accuracy_mean"), "clean_minority_accuracy": c.get("minority_accuracy_mean"),
+                    "worst_attack": w["attack"], "worst_accuracy_mean": w["final_accuracy_mean"],
+                    "worst_accuracy_ci95": w["final_accuracy_ci95"]})
+    return sorted(out, key=lambda r: (str(r["non_iid"]), r["group_size"], r["bypass_bounds"], r["bucket"], r["rule"]))
+
+
+def worst_over_attacks_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The worst-over-attacks table as Markdown, one line per rule and setting."""
+    lines = ["| split | group size | attackers | bucket s | rule | clean | clean, minorities | worst attack | "
+             "worst accuracy (95% CI) |", "|---|---:|---|---:|---|---:|---:|---|---:|"]
+    for r in rows:
+        split = "IID" if r["non_iid"] is None else f"alpha={r['non_iid']:g}"
+        clean = "–" if r["clean_accuracy"] is None else f"{r['clean_accuracy']:.3f}"
+        cmin = "–" if r["clean_minority_accuracy"] is None else f"{r['clean_minority_accuracy']:.3f}"
+        lines.append(f"| {split} | {r['group_size']} | {'takeover' if r['bypass_bounds'] else 'bounded'} | {r['bucket']} | "
+                     f"{r['rule']} | {clean} | {cmin} | `{r['worst_attack']}` | "
+                     f"{r['worst_accuracy_mean']:.3f} ± {r['worst_accuracy_ci95']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_outputs(rows: Sequence[Mapping[str, Any]], out: Path, *, grid: StudyGrid | None = None) -> dict[str, Path]:
@@ -473,17 +509,26 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], out: Path, *, grid: StudyGr
     attacks = grid.attacks if grid else ()
     summary = summarize(rows)
     worst = worst_case(rows)
+    over = worst_over_attacks(summary)
     paths = {name: out / name for name in ("runs.csv", "summary.csv", "worst_case.csv", "worst_case.md",
+                                           "worst_over_attacks.csv", "worst_over_attacks.md",
                                            "accuracy_vs_group_size.png")}
     _write_csv(paths["runs.csv"], ROW_FIELDS, rows)
     _write_csv(paths["summary.csv"], SUMMARY_FIELDS, summary)
     _write_csv(paths["worst_case.csv"], WORST_FIELDS, worst)
+    _write_csv(paths["worst_over_attacks.csv"], WORST_OVER_ATTACKS_FIELDS, over)
     title = ""
     if rows:
         r0 = rows[0]
         seeds = len({r["seed"] for r in rows})
-        title = (f"{r0['clients']} clients, {r0['model']} on digits, {r0['rounds']} rounds, "
-                 f"{'IID' if r0['non_iid'] is None else 'non-IID alpha ' + str(r0['non_iid'])}, mean ± std over {seeds} seed(s)")
+        byz = sorted({r["byzantine"] for r in rows if r["attack"] != "none"})
+        title = (f"{r0.get('task', 'digits')}, {r0['model']}, {r0['clients']} clients, {r0['rounds']} rounds, "
+                 f"{', '.join(f'{b:.0%}' for b in byz) or 'no'} Byzantine; 95% CI over {seeds} seed(s)")
+    paths["worst_over_attacks.md"].write_text("\n".join([
+        "# Worst case over attacks", "", "Per rule and setting, the attack with the lowest mean final accuracy over "
+        "seeds (95% confidence interval), beside the clean accuracy of the same rule and setting and the clean "
+        "accuracy seen by the honest minorities (the 20% of honest clients whose labels are rarest).", "", title, "",
+        worst_over_attacks_markdown(over)]))
     intro = ("Lowest final test accuracy of each rule under each attack, over every group size, Byzantine fraction, "
              "dropout rate, bypass setting and seed in the study (in brackets: the group size where it happened). "
              "The `none` column is the clean run.")

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from secagg.cli.main import main
-from secagg.simulation.study import QUICK, StudyGrid, expand, grid_from_mapping, parse_attack
+from secagg.simulation.study import (DEFAULT, QUICK, StudyGrid, ci95, expand, grid_from_mapping, parse_attack, summarize,
+                                     worst_over_attacks)
 
-TINY = ["--clients", "10", "--rounds", "2", "--seeds", "1", "--jobs", "1"]
+TINY_BASE = ["--quick", "--clients", "10", "--rounds", "2", "--seeds", "1", "--jobs", "1", "--non-iid", "iid",
+             "--bucket", "1"]
+TINY = [*TINY_BASE, "--bypass-bounds", "false"]
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -43,7 +47,7 @@ def test_grid_file_then_flags(tmp_path: Path) -> None:
     grid = tmp_path / "grid.toml"
     grid.write_text('rules = ["median"]\nattacks = ["none", "scaling:scale=-100"]\nbyzantine = [0.0, 0.2]\n'
                     'group_sizes = [5]\nbypass_bounds = [false, true]\n')
-    code = main(["study", "--out", str(tmp_path / "o"), "--config", str(grid), *TINY, "--group-sizes", "2,5"])
+    code = main(["study", "--out", str(tmp_path / "o"), "--config", str(grid), *TINY_BASE, "--group-sizes", "2,5"])
     assert code == 0
     runs = _rows(tmp_path / "o" / "runs.csv")
     # clean points once (none, or byzantine 0), attacked: 2 bypass settings; x 2 group sizes (flag wins)
@@ -89,8 +93,38 @@ def test_expand_and_attack_tokens() -> None:
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         parse_attack("alie:z")
     g = StudyGrid(group_sizes=(1, 2), rules=("mean",), attacks=("none", "sign_flip"), byzantine=(0.0, 0.2),
-                  bypass_bounds=(False,), seeds=2)
+                  bypass_bounds=(False,), seeds=2, non_iid=(None,), bucket=(1,))
     specs = expand(g)
     assert len(specs) == 2 * (1 + 1) * 2 and len(set(specs)) == len(specs)
-    assert grid_from_mapping({"non_iid": 0}, g).non_iid is None
+    assert grid_from_mapping({"non_iid": 0}, g).non_iid == (None,)
+    assert grid_from_mapping({"non_iid": [0, 1.0, 0.1]}, g).non_iid == (None, 1.0, 0.1)
+    wide = dataclasses.replace(g, non_iid=(1.0, 0.1), bucket=(1, 2), momentum=(0.0, 0.9))
+    specs = expand(wide)
+    assert len(specs) == 2 * (1 + 1) * 2 * 2 * 2 * 2
+    assert {(s.non_iid, s.bucket, s.momentum) for s in specs} == {(a, b, m) for a in (1.0, 0.1) for b in (1, 2)
+                                                                  for m in (0.0, 0.9)}
+    assert specs[0].fl_config().bucket in (1, 2)
     QUICK.validate()
+    DEFAULT.validate()
+    assert DEFAULT.seeds >= 5 and {1.0, 0.1} <= set(DEFAULT.non_iid) and True in DEFAULT.bypass_bounds
+    assert {"centered_clipping"} <= set(DEFAULT.rules)
+    assert {"ipm", "takeover", "fang_krum", "fang_trim", "min_max", "min_sum"} <= set(DEFAULT.attacks)
+
+
+def test_confidence_interval_and_worst_over_attacks() -> None:
+    # t_{0.975, 4} = 2.776445; values 0.1..0.5 have sample std 0.158114
+    assert ci95([0.1, 0.2, 0.3, 0.4, 0.5]) == pytest.approx(2.776445 * 0.158114 / 5**0.5, rel=1e-5)
+    assert ci95([0.7]) == 0.0
+    base = {"group_size": 1, "groups": 4, "byzantine": 0.2, "dropout": 0.0, "bypass_bounds": False, "clients": 4,
+            "rounds": 1, "task": "digits", "model": "softmax", "non_iid": 0.1, "momentum": 0.9, "bucket": 1,
+            "backend": "memory", "worst_accuracy": 0.0, "backdoor_asr": None, "rejected_groups": 0,
+            "aborted_groups": 0, "seconds": 0.0}
+    rows = [{**base, "rule": "median", "attack": a, "seed": s, "final_accuracy": acc, "minority_accuracy": acc - 0.1,
+             **({"byzantine": 0.0} if a == "none" else {})}
+            for a, accs in (("none", (0.9, 0.8)), ("alie", (0.5, 0.7)), ("ipm", (0.3, 0.2)))
+            for s, acc in enumerate(accs)]
+    over = worst_over_attacks(summarize(rows))
+    assert len(over) == 1
+    w = over[0]
+    assert w["worst_attack"] == "ipm" and w["worst_accuracy_mean"] == pytest.approx(0.25)
+    assert w["clean_accuracy"] == pytest.approx(0.85) and w["clean_minority_accuracy"] == pytest.approx(0.75)
