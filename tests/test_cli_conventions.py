@@ -94,7 +94,8 @@ def test_attack_names_accept_dashes(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     assert parse_attack("sign-flip").name == "sign_flip" and AttackConfig(name="Label-Flip").name == "label_flip"
     code, _, _ = run(capsys, "study", "--out", str(tmp_path), "--clients", "10", "--rounds", "1", "--seeds", "1", "--jobs", "1",
-                     "--group-sizes", "2", "--rules", "mean", "--attacks", "sign-flip", "--byzantine", "0.2")
+                     "--group-sizes", "2", "--rules", "mean", "--attacks", "sign-flip", "--byzantine", "0.2",
+                     "--quick", "--non-iid", "iid", "--bucket", "1", "--bypass-bounds", "false")
     assert code == 0
     with (tmp_path / "runs.csv").open() as fh:
         assert [r["attack"] for r in csv.DictReader(fh)] == ["sign_flip"]
