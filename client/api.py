@@ -48,6 +48,7 @@ from .tls import fetch_server_certificate, pem
 log = logging.getLogger("secagg.client")
 MAX_MESSAGE_BYTES = 8 << 20
 EPOCHS_REMEMBERED = 64   # (server, epoch) member sets kept per client object, oldest dropped first
+ABORT_LINGER_SECONDS = 0.5   # how long an abort waits for the server to close the stream before the call is cancelled
 
 
 @dataclass(frozen=True)
@@ -384,7 +385,21 @@ class AsyncClient:
 
     async def _write(self, call: grpc.aio.StreamStreamCall, msg: pb.ClientMessage) -> None:
         self._sent += msg.ByteSize()
-        await call.write(msg)
+        try:
+            await call.write(msg)
+        except asyncio.InvalidStateError:   # the server already ended the call: say why, as a read would
+            code = await call.code()
+            raise Rejected(code.name, (await call.details()) or "the server ended the stream") from None
+
+    async def _abort(self, call: grpc.aio.StreamStreamCall, reason: str) -> None:
+        """Tell the server why we leave and let the message reach it: half-close, then give the server
+        a moment to end the stream, since cancelling at once can drop the abort still in flight."""
+        try:
+            await self._write(call, pb.ClientMessage(abort=pb.ClientAbort(reason=reason[:200])))
+            await call.done_writing()
+            await asyncio.wait_for(asyncio.shield(call.code()), ABORT_LINGER_SECONDS)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError, Rejected):
+            pass   # the server is gone or slow; the call is cancelled next either way
 
     async def _read(self, call: grpc.aio.StreamStreamCall, timeout: float, waiting_for: str) -> pb.ServerMessage:
         # not wait_for(call.read()): a read abandoned by a timeout stays pending in gRPC's core, and
@@ -417,7 +432,7 @@ class AsyncClient:
                 produced = await produced
             update = self._check_update(produced)
         if update.size != info.dim:
-            await self._write(call, pb.ClientMessage(abort=pb.ClientAbort(reason=f"update has {update.size} values, round needs {info.dim}")))
+            await self._abort(call, f"update has {update.size} values, round needs {info.dim}")
             raise ClientError(f"update has {update.size} values but round {info.round_id} needs {info.dim}")
         return update
 
@@ -454,7 +469,7 @@ class AsyncClient:
             while len(self._epoch_members) > EPOCHS_REMEMBERED:
                 del self._epoch_members[next(iter(self._epoch_members))]
         except (convert.WireError, AbortError) as exc:
-            await self._write(call, pb.ClientMessage(abort=pb.ClientAbort(reason=str(exc)[:200])))
+            await self._abort(call, str(exc))
             if isinstance(exc, PolicyViolation):
                 raise PolicyRefused(exc.setting, exc.offered, exc.required, str(exc)) from None
             raise RoundAborted(str(exc)) from None
@@ -463,7 +478,7 @@ class AsyncClient:
             machine = ClientMachine(cfg, rc.index, contribution=contribution, identity_key=self._identity, trusted_identities=trusted,
                                     pinned_identities=pinned, policy=s.policy, randbytes=s.randbytes)
         except (AbortError, LocalProtocolError) as exc:
-            await self._write(call, pb.ClientMessage(abort=pb.ClientAbort(reason=str(exc)[:200])))
+            await self._abort(call, str(exc))
             raise RoundAborted(str(exc)) from None
         info = RoundInfo(rc.round_id, rc.model_version, cfg.dim - 2, rc.group, rc.index, cfg.members, params)
         if not lazy:
@@ -515,10 +530,7 @@ class AsyncClient:
                 else:
                     raise ClientError(f"unexpected {kind} from the server")
         except (AbortError, RemoteProtocolError, LocalProtocolError, convert.WireError) as exc:
-            try:
-                await call.write(pb.ClientMessage(abort=pb.ClientAbort(reason=str(exc))))
-            except grpc.aio.AioRpcError:
-                pass
+            await self._abort(call, str(exc))
             raise RoundAborted(str(exc)) from None
         model = None
         if fetch_model and r.outcome == "completed":
