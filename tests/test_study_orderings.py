@@ -35,10 +35,11 @@ def test_centered_clipping_with_momentum_beats_median_and_krum_on_non_iid_data(a
     assert cc >= run("krum", attack).final_accuracy + margin_krum
 
 
-def test_bucketing_helps_median_and_krum_under_ipm() -> None:
-    # measured: median 0.496 -> 0.649, Krum 0.102 -> 0.338 with s = 2
+def test_bucketing_helps_median_under_ipm() -> None:
+    # measured at seed 0: median 0.496 -> 0.671 with s = 2.  Krum is left out on purpose: at this
+    # size its IPM accuracy with bucketing is erratic (seeds 0-2 at s = 2: 0.102 -> 0.102, 0.102 ->
+    # 0.120, 0.051 -> 0.473), so no fixed-seed ordering for it would be honest here.
     assert run("median", "ipm", 2).final_accuracy >= run("median", "ipm").final_accuracy + 0.08
-    assert run("krum", "ipm", 2).final_accuracy >= run("krum", "ipm").final_accuracy + 0.15
 
 
 def test_robust_rules_serve_the_honest_minorities_worse_than_the_mean_without_attack() -> None:
