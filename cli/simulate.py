@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "masked_input, consistency_check, unmasking, or random")
     p.add_argument("--groups", type=int, default=None, help="secure-aggregation groups (default: 3 from 30 clients, "
                    "clients // 10 below, at least 1)")
+    p.add_argument("--grouping", choices=["stable", "reshuffle"], default="stable",
+                   help="stable: groups fixed for --epoch-rounds rounds (default); reshuffle: new groups every round")
+    p.add_argument("--epoch-rounds", type=int, default=10, help="rounds per epoch under stable grouping (default 10)")
     p.add_argument("--neighbors", type=neighbors_arg, default=0, help=NEIGHBORS_HELP)
     p.add_argument("--mode", choices=["semi-honest", "active"], default="active")
     p.add_argument("--threshold", type=float, default=0.0, help="0 = safe minimum; <1 fraction; >=1 absolute")
@@ -61,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = SimConfig(
             clients=args.clients, dim=int(given(args.dim, 1000)), rounds=int(given(args.rounds, 3 if task == "synthetic" else 12)),
-            dropout=args.dropout, dropout_phase=args.dropout_phase, groups=groups, neighbors=args.neighbors,
+            dropout=args.dropout, dropout_phase=args.dropout_phase, groups=groups, grouping=args.grouping,
+            epoch_rounds=args.epoch_rounds, neighbors=args.neighbors,
             mode=args.mode, threshold=args.threshold, processes=args.processes, seed=args.seed, phase_seconds=args.phase_seconds,
             clip_norm=given(args.clip_norm, 10.0 if task == "synthetic" else 5.0), task=None if task == "synthetic" else task,
             rule=args.rule, byzantine_groups=args.byzantine_groups, attack=normalize_attack_name(args.attack), byzantine=args.byzantine,

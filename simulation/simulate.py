@@ -50,6 +50,8 @@ class SimConfig:
     dropout: float = 0.1
     dropout_phase: str = "random"          # a phase label, or "random"
     groups: int = 2
+    grouping: str = "stable"               # or "reshuffle" (the simulated clients then allow regrouping)
+    epoch_rounds: int = 10
     neighbors: int = 0
     mode: str = "active"
     threshold: float = 0.0
@@ -77,9 +79,10 @@ class SimConfig:
         (semi-honest mode, groups under 5) and recorded in the summary."""
         smallest = self.clients // self.groups
         floor = min(5, smallest // 2 + 1)   # never above any threshold the server may pick
+        regroup = self.grouping == "reshuffle"
         if self.mode == "semi-honest":
-            return ClientPolicy.semi_honest(min_group_size=floor)
-        return ClientPolicy(min_group_size=floor)
+            return ClientPolicy.semi_honest(min_group_size=floor, allow_regrouping=regroup)
+        return ClientPolicy(min_group_size=floor, allow_regrouping=regroup)
 
     def validate(self) -> SimConfig:
         if self.clients < 3:
@@ -94,6 +97,8 @@ class SimConfig:
             raise ValueError("the consistency_check phase exists only in --mode active")
         if self.rounds < 1 or self.processes < 1 or self.dim < 1:
             raise ValueError("--rounds, --processes and --dim must be positive")
+        if self.grouping not in ("stable", "reshuffle") or self.epoch_rounds < 1:
+            raise ValueError("--grouping must be 'stable' or 'reshuffle' and --epoch-rounds at least 1")
         if self.task not in (None, "synthetic", "digits"):
             raise ValueError("--task must be 'synthetic' or 'digits'")
         return self
@@ -109,7 +114,8 @@ class SimConfig:
         return FLConfig(clients=self.clients, groups=self.groups, rounds=self.rounds, non_iid=self.non_iid,
                         attack=AttackConfig(name=self.attack), byzantine=self.byzantine, bypass_bounds=self.bypass_bounds,
                         clip_norm=self.clip_norm, clip_value=self.clip_value or None, precision_bits=self.precision_bits,
-                        rule=self.rule, seed=self.seed, mode=self.mode, **self.fl)
+                        rule=self.rule, seed=self.seed, mode=self.mode, grouping=self.grouping, epoch_rounds=self.epoch_rounds,
+                        **self.fl)
 
 
 def default_groups(clients: int) -> int:
@@ -301,8 +307,8 @@ def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], 
         np.save(init_model, fed.initial_params())
     server_cfg = dict(address="127.0.0.1:0", db=str(db), tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), dim=dim,
                       init_model=init_model, rounds=cfg.rounds, linger_seconds=0.0, min_clients=cfg.clients, max_clients=cfg.clients, lobby_seconds=0.0,
-                      groups=cfg.groups, mode=cfg.mode, neighbors=cfg.neighbors, threshold=cfg.threshold,
-                      phase_seconds=cfg.phase_seconds, chunk_words=cfg.chunk_words, clip_norm=cfg.clip_norm,
+                      groups=cfg.groups, grouping=cfg.grouping, epoch_rounds=cfg.epoch_rounds, mode=cfg.mode,
+                      neighbors=cfg.neighbors, threshold=cfg.threshold, phase_seconds=cfg.phase_seconds, chunk_words=cfg.chunk_words, clip_norm=cfg.clip_norm,
                       clip_value=cfg.clip_value, precision_bits=cfg.precision_bits, rule=cfg.rule,
                       byzantine_groups=cfg.byzantine_groups)
     ctx = mp.get_context("spawn")

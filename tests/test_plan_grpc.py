@@ -170,3 +170,58 @@ def test_plan_and_budget_settings_are_validated_by_name(tmp_path: Path, override
     pki = write_dev_pki(tmp_path / "pki")
     with pytest.raises(ConfigError, match=match):
         load(None, {"tls_cert": str(pki.server_cert), "tls_key": str(pki.server_key), **overrides})
+
+
+@pytest.mark.parametrize("field", ["epoch_seed", "population", "epsilon"])
+def test_a_rewritten_plan_or_privacy_charge_fails_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str) -> None:
+    """The plan and the charge live in the chained record: rewriting the epoch seed (to claim other
+    groups), the population or the epsilon in the SQLite file is caught by `secagg verify`."""
+    import json
+    import sqlite3
+
+    import numpy as np
+    from secagg.protocol.plan import PlanSettings, make_plan
+    from secagg.server.ledger import default_key_path, new_key, write_key
+
+    db = tmp_path / "secagg.db"
+    key = new_key()
+    write_key(default_key_path(db), key)
+    plan = make_plan(PlanSettings(groups=2), 0, bytes(range(32)), present=NAMES)
+    settings = {"plan": plan.record(), "privacy": {"epsilon": 1.25, "delta": 1e-6, "epsilon_round": 1.25}}
+    with Store(db, ledger_key=key) as st:
+        st.append_model(np.zeros(3), round_id=None, reason="initial model")
+        st.begin_round("r0", settings, plan.cohort, [list(g) for g in plan.groups])
+        st.finish_round("r0", "completed")
+    assert main(["verify", "--db", str(db)]) == 0
+    capsys.readouterr()
+    if field == "epsilon":
+        settings["privacy"]["epsilon"] = 0.01
+    elif field == "epoch_seed":
+        settings["plan"]["epoch_seed"] = bytes(32).hex()
+    else:
+        settings["plan"]["population"] = NAMES[:-1]
+    conn = sqlite3.connect(db, isolation_level=None)
+    for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        conn.execute(f'DROP TRIGGER "{name}"')
+    conn.execute("UPDATE rounds SET settings = ? WHERE round_id = 'r0'", (json.dumps(settings),))
+    conn.close()
+    assert main(["verify", "--db", str(db)]) == 1
+    assert "round 'r0' was changed after it was signed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grouping", ["stable", "reshuffle"])
+def test_the_process_simulator_runs_each_grouping(tmp_path: Path, grouping: str) -> None:
+    """`secagg simulate --grouping`: a server process and worker processes with the real client
+    library; stable keeps the groups for the epoch, reshuffle redraws them (its clients opt in)."""
+    from secagg.simulation.simulate import SimConfig, run_simulation
+
+    cfg = SimConfig(clients=9, dim=50, rounds=3, dropout=0.0, groups=3, grouping=grouping, epoch_rounds=5, mode="semi-honest",
+                    processes=2, phase_seconds=10, seed=3, workdir=str(tmp_path / "sim"))
+    s = run_simulation(cfg)
+    assert s["correct"] and all(r["outcome"] == "completed" for r in s["rounds"]), s["rounds"]
+    with Store(tmp_path / "sim" / "secagg.db") as st:
+        records = list(reversed(st.rounds(limit=3)))
+    assert [r.settings["plan"]["grouping"] for r in records] == [grouping] * 3
+    partitions = {frozenset(tuple(sorted(g)) for g in r.groups) for r in records}
+    # reshuffle: three draws of one of 280 partitions all equal has probability 1/280^2
+    assert (len(partitions) == 1) == (grouping == "stable")
