@@ -32,6 +32,7 @@ import hashlib
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 GROUPINGS: tuple[str, ...] = ("stable", "reshuffle")
@@ -83,6 +84,12 @@ def partition(seed: bytes, ids: Iterable[str], groups: int) -> list[list[str]]:
         out.append(sorted(order[start : start + size]))
         start += size
     return out
+
+
+@lru_cache(maxsize=8)
+def _epoch_partition(epoch_seed: bytes, population: tuple[str, ...], groups: int) -> tuple[tuple[str, ...], ...]:
+    """An epoch's partition, computed once per epoch (it is the same every round of the epoch)."""
+    return tuple(tuple(p) for p in partition(epoch_seed, population, groups))
 
 
 @dataclass(frozen=True)
@@ -221,7 +228,7 @@ def make_plan(settings: PlanSettings, round_number: int, epoch_seed: bytes, *, p
     if n_groups == 0:
         return RoundPlan(settings, round_number, epoch, epoch_seed, pop, (), (), (), (),
                          note=f"an epoch of {len(pop)} clients cannot fill one group of {settings.min_group}")
-    parts = tuple(tuple(p) for p in partition(epoch_seed, pop, n_groups))
+    parts = _epoch_partition(epoch_seed, pop, n_groups)
     labels = [str(g) for g in range(len(parts))]
     if settings.sampling == "fixed":   # whole groups: as many as hold sample_size clients on average
         k = max(1, round(settings.sample_size * len(parts) / len(pop)))
