@@ -225,3 +225,23 @@ def test_the_process_simulator_runs_each_grouping(tmp_path: Path, grouping: str)
     partitions = {frozenset(tuple(sorted(g)) for g in r.groups) for r in records}
     # reshuffle: three draws of one of 280 partitions all equal has probability 1/280^2
     assert (len(partitions) == 1) == (grouping == "stable")
+
+
+@async_test
+async def test_fixed_size_sampling_over_grpc_takes_exactly_that_many(tmp_path: Path) -> None:
+    """Reshuffle with sample_size 4 of 6 waiting clients: exactly 4 get a round configuration (the
+    record recomputes to them), the other 2 wait in the lobby and are told nothing."""
+    names = NAMES[:6]
+    async with running_server(tmp_path, 0, registered=names, min_clients=6, max_clients=6, groups=1, rounds=1,
+                              grouping="reshuffle", sample_size=4, lobby_seconds=1.0) as h:
+        async def one(c: str) -> Any:
+            client = h.client(c, wait_seconds=4.0)
+            return await client.participate(update_of(c, h.cfg.dim, 0), rounding_seed=seed_of(c, 0))
+
+        outs = dict(zip(names, await asyncio.gather(*(one(c) for c in names), return_exceptions=True)))
+        await h.rounds_finished()
+        rec = h.record()
+    assert rec.outcome == "completed" and len(rec.cohort) == 4
+    assert [list(g) for g in recompute(rec.settings["plan"]).groups] == groups_of(rec)
+    assert {c for c, o in outs.items() if getattr(o, "ok", False)} == set(rec.cohort)
+    assert all(isinstance(outs[c], ClientError) for c in names if c not in rec.cohort)
