@@ -149,6 +149,13 @@ class ServerMachine:
         if phase is None:
             raise LocalProtocolError(f"not a client message: {type(msg).__name__}")
         index = msg.index
+        self._admit(index, phase)
+        getattr(self, f"_on_{phase.label}")(msg)
+        # A masked vector lives on only inside the running sum: keep a marker, not the vector.
+        self.received[phase][index] = None if phase is Phase.MASKED_INPUT else msg  # type: ignore[assignment]
+
+    def _admit(self, index: int, phase: Phase) -> None:
+        """A message of ``phase`` from ``index`` may be taken now, or the reason it may not."""
         if not 1 <= index <= self.config.members:
             raise RemoteProtocolError(f"client index {index} is not a member of this group", index=None, reason=DropReason.NOT_A_MEMBER)
         if index not in self.alive:
@@ -158,9 +165,35 @@ class ServerMachine:
         if phase is not self.phase or self.awaiting_pass:
             during = "the wait for the next pass" if self.awaiting_pass else self.phase.label
             raise self._reject(index, DropReason.OUT_OF_PHASE, f"{phase.label} message from client {index} during {during}")
-        getattr(self, f"_on_{phase.label}")(msg)
-        # A masked vector lives on only inside the running sum: keep a marker, not the vector.
-        self.received[phase][index] = None if phase is Phase.MASKED_INPUT else msg  # type: ignore[assignment]
+
+    # -- masked input in parts, summed on arrival (the transport's streaming path) --------------
+    def add_masked_part(self, index: int, offset: int, words: np.ndarray) -> None:
+        """Add words ``offset..`` of ``index``'s masked input to the running sum as they arrive
+        (while they are hot in cache).  The caller keeps each part until ``complete_masked_input``
+        and hands it to ``retract_masked_part`` if the rest never comes: subtracting exactly what
+        was added leaves the sum as it was, so a broken stream cannot poison it."""
+        if self.state is not ServerState.RUNNING:
+            raise LocalProtocolError(f"group is {self.state.value}; no more messages")
+        self._admit(index, Phase.MASKED_INPUT)
+        if words.dtype != self.config.dtype or not 0 <= offset <= offset + words.size <= self.config.dim:
+            raise self._reject(index, DropReason.WRONG_LENGTH,
+                               f"client {index}: masked input part of {words.size} {words.dtype} words at {offset} does not fit {self.config.dim} words of {self.config.dtype}")
+        part = self._sum[offset : offset + words.size]
+        part += words
+
+    def retract_masked_part(self, offset: int, words: np.ndarray) -> None:
+        """Undo one ``add_masked_part`` of an input that will not be completed (any time before unmasking)."""
+        if self.phase is not Phase.MASKED_INPUT or self.state is not ServerState.RUNNING or self.awaiting_pass:
+            raise LocalProtocolError("masked input parts can only be retracted while the masked input phase is open")
+        part = self._sum[offset : offset + words.size]
+        part -= words
+
+    def complete_masked_input(self, index: int, words: int) -> None:
+        """``index``'s parts cover all ``dim`` words, in order: it has sent its masked input."""
+        self._admit(index, Phase.MASKED_INPUT)
+        if words != self.config.dim:
+            raise self._reject(index, DropReason.WRONG_LENGTH, f"client {index}: masked input has {words} words, the round needs {self.config.dim}")
+        self.received[Phase.MASKED_INPUT][index] = None  # type: ignore[assignment]
 
     def _on_advertise_keys(self, msg: AdvertiseKeys) -> None:
         if len(msg.c_public) != 32 or len(msg.s_public) != 32:

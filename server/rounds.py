@@ -2,10 +2,11 @@
 
 Each group is one ``ServerMachine``; this module only moves messages between sessions and the
 machines, enforces deadlines, and writes what happened to the store.  Masked vectors arrive in
-chunks and are assembled per client (at most ``max_inflight`` at once per group, so memory is
-O(max_inflight * D) whatever the group size) and added to the group's running sum only when
-complete: a stream that breaks halfway must not poison the sum, and it cannot be subtracted
-back out without revealing that client's input.
+chunks, at most ``max_inflight`` clients' at once per group (memory O(max_inflight * D) whatever
+the group size).  Each chunk is added to the group's running sum on arrival, while it is hot in
+cache, and kept until its vector is complete: a stream that breaks halfway has its chunks
+subtracted again, so it cannot poison the sum (the sum is only read after the phase closes,
+and closing discards every partial vector first).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from secagg.protocol import graph, thresholds
 from secagg.protocol.aggregation import combine_groups, sums_digest
 from secagg.protocol.errors import AbortError, DropReason, LocalProtocolError, RemoteProtocolError
-from secagg.protocol.messages import GroupConfig, MaskedInput, Mode, Phase
+from secagg.protocol.messages import GroupConfig, Mode, Phase
 from secagg.protocol.plan import RoundPlan, make_plan
 from secagg.protocol.server import ServerMachine, ServerState
 from secagg.v1 import secagg_pb2 as pb
@@ -143,7 +144,11 @@ def _for_member(announced: pb.RoundConfig, index: int) -> pb.RoundConfig:
 
 @dataclass
 class Assembly:
-    buffer: np.ndarray
+    """One client's masked input while it streams in: its parts are already in the group's sum
+    (added on arrival) and are kept so they can be subtracted again if the stream breaks."""
+
+    size: int                                    # words the whole vector has
+    parts: list[tuple[int, np.ndarray]] = field(default_factory=list)   # (offset, words): views of the received bytes
     filled: int = 0
     stall_timer: asyncio.TimerHandle | None = None
     rate_timer: asyncio.TimerHandle | None = None   # the whole-vector deadline (minimum upload rate)
@@ -171,9 +176,6 @@ class GroupRun:
     survivors: dict[str, list[str]] = field(default_factory=dict)
     error: str = ""
     closing: bool = False        # the final phase is being closed in a worker thread
-    # assembly buffers are reused: at most max_inflight exist, and a fresh multi-megabyte np.empty
-    # per client cost a page fault per 4 KiB on first touch (~1 ms per 10^5 words, 50x the addition)
-    spare: list[np.ndarray] = field(default_factory=list)
 
     def client(self, index: int) -> str:
         return self.members[index].client_id
@@ -181,17 +183,18 @@ class GroupRun:
     def account(self, phase: Phase, seconds: float) -> None:
         self.work[phase.label] = self.work.get(phase.label, 0.0) + seconds
 
-    def new_assembly(self) -> Assembly:
-        return Assembly(self.spare.pop() if self.spare else np.empty(self.config.dim, dtype=self.config.dtype))
-
-    def discard_assembly(self, index: int) -> None:
-        """End ``index``'s assembly (its buffer is kept for the next one: callers are done with it)."""
+    def discard_assembly(self, index: int, *, completed: bool = False) -> None:
+        """End ``index``'s assembly; unless its vector was completed, its parts leave the sum again."""
         a = self.assembly.pop(index, None)
         if a is not None:
             for timer in (a.stall_timer, a.rate_timer):
                 if timer is not None:
                     timer.cancel()
-            self.spare.append(a.buffer)
+            m = self.machine
+            if not completed and m.state is ServerState.RUNNING and m.phase is Phase.MASKED_INPUT and not m.awaiting_pass:
+                for offset, words in reversed(a.parts):
+                    m.retract_masked_part(offset, words)
+            a.parts.clear()
             self.inflight.release()
 
 
@@ -393,7 +396,7 @@ class Coordinator:
             if i not in m.waiting_for() or m.phase is not Phase.MASKED_INPUT:
                 group.inflight.release()
                 return time.thread_time()
-            a = group.assembly[i] = group.new_assembly()
+            a = group.assembly[i] = Assembly(group.config.dim)
             self._arm_rate_timer(group, i, a)
         started = time.thread_time()
         words = convert.words_from_bytes(chunk.words, group.config.dtype)
@@ -404,16 +407,15 @@ class Coordinator:
             raise RemoteProtocolError(f"masked-input chunk of {words.size} words; chunks carry 1..{group.chunk_words}", index=i)
         if a.filled + words.size > group.config.dim:
             raise RemoteProtocolError(f"masked input longer than {group.config.dim} words", index=i, reason=DropReason.WRONG_LENGTH)
-        a.buffer[a.filled : a.filled + words.size] = words
+        m.add_masked_part(i, a.filled, words)   # summed while hot; kept until the vector is whole
+        a.parts.append((a.filled, words))
         a.filled += words.size
         self._arm_stall_timer(group, i, a)
         if chunk.last:
             if a.filled != group.config.dim:
                 raise RemoteProtocolError(f"masked input has {a.filled} words, the round needs {group.config.dim}", index=i, reason=DropReason.WRONG_LENGTH)
-            try:
-                m.receive(MaskedInput(i, a.buffer))   # added to the running sum, not kept
-            finally:
-                group.discard_assembly(i)
+            m.complete_masked_input(i, a.filled)
+            group.discard_assembly(i, completed=True)
         return started
 
     def _arm_rate_timer(self, group: GroupRun, i: int, a: Assembly) -> None:
@@ -422,13 +424,13 @@ class Coordinator:
         rate = self.cfg.min_upload_rate
         if rate <= 0:
             return
-        size = a.buffer.nbytes
+        size = a.size * group.config.dtype.itemsize
         budget = self.cfg.stall_limit + size / rate
 
         def too_slow() -> None:
             if group.assembly.get(i) is a:
                 self.reject(group.members[i], DropReason.TIMEOUT,
-                            f"masked input too slow: {a.filled} of {a.buffer.size} words ({size} bytes) after {budget:.3g} s "
+                            f"masked input too slow: {a.filled} of {a.size} words ({size} bytes) after {budget:.3g} s "
                             f"holding an assembly slot; the minimum upload rate is {rate:g} bytes/s")
 
         a.rate_timer = asyncio.get_running_loop().call_later(budget, too_slow)
@@ -442,7 +444,7 @@ class Coordinator:
         def stalled() -> None:
             if group.assembly.get(i) is a:
                 self.reject(group.members[i], DropReason.TIMEOUT,
-                            f"masked input stalled at word {a.filled} of {a.buffer.size}: no chunk for {limit:g} s")
+                            f"masked input stalled at word {a.filled} of {a.size}: no chunk for {limit:g} s")
 
         a.stall_timer = asyncio.get_running_loop().call_later(limit, stalled)
 
@@ -611,6 +613,8 @@ class Coordinator:
                     pass
             for late in sorted(m.waiting_for()):
                 self.reject(g.members[late], DropReason.TIMEOUT, f"no {phase.label} message within the {m.budget.for_group(phase, g.config):.3g} s deadline")  # type: ignore[union-attr]
+            for i in list(g.assembly):   # a partial vector never stays in the sum (its stream ended some other way)
+                g.discard_assembly(i)
             try:
                 if phase is Phase.UNMASKING:   # O(survivors x D) of PRG work: keep the event loop free
                     g.closing = True

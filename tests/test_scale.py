@@ -10,12 +10,12 @@ import pytest
 
 from grpc_harness import async_test, running_server, seed_of, update_of
 from secagg.protocol.deadlines import PhaseBudget
-from secagg.protocol.errors import DropReason
+from secagg.protocol.errors import DropReason, RemoteProtocolError
 from secagg.protocol.messages import Mode, Phase
 from secagg.protocol.server import ServerMachine
 from secagg.v1 import secagg_pb2 as pb
 from secagg.wire import convert
-from test_protocol import machine, make_config
+from test_protocol import Round, machine, make_config
 
 
 # ---- lazy inputs -------------------------------------------------------------------------------
@@ -178,3 +178,31 @@ def test_chunk_view_leaves_every_other_layout_to_the_full_parser():
     for data in cases:
         assert convert.masked_chunk_view(data) is None, data[:16]
     assert pb.ClientMessage.FromString(wrap(repeated)).masked_input.offset == 9   # what the full parse makes of it
+
+
+# ---- masked input summed on arrival ---------------------------------------------------------------
+def test_parts_summed_on_arrival_and_retracted_leave_the_exact_sum():
+    """Client 1 streams half its vector and breaks off (its part is retracted); client 3 sends a
+    part past the end (refused before anything is added, and dropped); the others arrive in three
+    parts each.  The unmasked sum is exactly the inputs of 2, 4, 5 and 6."""
+    cfg = make_config(6, Mode.SEMI_HONEST, dim=1000)
+    r = Round(cfg)
+    r.run_until(Phase.SHARE_KEYS)
+    server = r.server
+    vectors = {i: r.clients[i].masked_input(r.inbox[i], r.inputs[i]).vector for i in r.clients}
+    half = vectors[1][:500]
+    server.add_masked_part(1, 0, half)
+    server.retract_masked_part(0, half)
+    server.drop(1, DropReason.DISCONNECTED, "stream broke mid-vector")
+    with pytest.raises(RemoteProtocolError, match="does not fit 1000 words"):
+        server.add_masked_part(3, 990, vectors[3][:20])
+    assert server.dropouts[3][1] is DropReason.WRONG_LENGTH
+    for i in (2, 4, 5, 6):
+        for lo, hi in ((0, 300), (300, 301), (301, 1000)):
+            server.add_masked_part(i, lo, vectors[i][lo:hi])
+        server.complete_masked_input(i, 1000)
+    with pytest.raises(RemoteProtocolError, match="already sent"):
+        server.add_masked_part(2, 0, vectors[2][:10])
+    r.inbox = dict(server.close_phase())
+    r.resume()
+    r.assert_exact({2, 4, 5, 6})
