@@ -92,6 +92,7 @@ class ServerMachine:
         self.received: dict[Phase, dict[int, ClientMessage]] = {p: {} for p in Phase}
         self.dropouts: dict[int, tuple[Phase, DropReason, str]] = {}
         self._sum = np.zeros(config.dim, dtype=config.dtype)
+        self._scratch: np.ndarray | None = None   # aligned copy of an unaligned part (add_masked_part)
         self._u1: dict[int, AdvertiseKeys] = {}
         self._u2: frozenset[int] = frozenset()
         self._u3: frozenset[int] = frozenset()
@@ -179,14 +180,26 @@ class ServerMachine:
             raise self._reject(index, DropReason.WRONG_LENGTH,
                                f"client {index}: masked input part of {words.size} {words.dtype} words at {offset} does not fit {self.config.dim} words of {self.config.dtype}")
         part = self._sum[offset : offset + words.size]
-        part += words
+        part += self._aligned(words)
+
+    def _aligned(self, words: np.ndarray) -> np.ndarray:
+        """``words`` itself when aligned, else a copy in a reused aligned buffer.  Words read in
+        place from a message start wherever the protobuf header ends; numpy adds unaligned words
+        through a slow buffered path (about 2x a byte copy plus an aligned add, measured here)."""
+        if words.flags.aligned:
+            return words
+        if self._scratch is None or self._scratch.size < words.size:
+            self._scratch = np.empty(words.size, dtype=words.dtype)
+        out = self._scratch[: words.size]
+        out.view(np.uint8)[:] = words.view(np.uint8)
+        return out
 
     def retract_masked_part(self, offset: int, words: np.ndarray) -> None:
         """Undo one ``add_masked_part`` of an input that will not be completed (any time before unmasking)."""
         if self.phase is not Phase.MASKED_INPUT or self.state is not ServerState.RUNNING or self.awaiting_pass:
             raise LocalProtocolError("masked input parts can only be retracted while the masked input phase is open")
         part = self._sum[offset : offset + words.size]
-        part -= words
+        part -= self._aligned(words)
 
     def complete_masked_input(self, index: int, words: int) -> None:
         """``index``'s parts cover all ``dim`` words, in order: it has sent its masked input."""

@@ -206,3 +206,73 @@ def test_parts_summed_on_arrival_and_retracted_leave_the_exact_sum():
     r.inbox = dict(server.close_phase())
     r.resume()
     r.assert_exact({2, 4, 5, 6})
+
+
+@async_test
+async def test_a_stream_that_breaks_mid_vector_leaves_the_sum_exactly_as_it_was(tmp_path):
+    """Over real gRPC: c3 streams 3 of its 5 chunks (summed on arrival, so the running sum is no
+    longer zero), then cancels its call.  Its chunks are subtracted again: before any honest
+    vector arrives the sum is exactly zero, and the round's aggregate is exactly the honest
+    clients' (digest and model), with c3 recorded as dropped in the masked input."""
+    from grpc_harness import check_round
+    from test_grpc_bad_input import BAD, HONEST, N, inputs_of
+
+    async with running_server(tmp_path, N, chunk_words=50, phase_seconds=5.0) as h:
+        old = h.store.model().params
+        broken = await h.raw(BAD)
+        honest = [await h.raw(c) for c in HONEST]
+        gone = asyncio.Event()
+        tasks = [asyncio.create_task(r.follow(before_masked_input=gone.wait)) for r in honest]
+        await broken.join()
+        await broken.advertise()
+        await broken.share_keys()
+        chunks = await broken.masked_chunks()
+        assert len(chunks) == 5
+        for c in chunks[:3]:
+            await broken.send(c)
+        group = h.srv.coordinator.sessions[BAD].group
+        i = broken.config.index
+        while i not in group.assembly or group.assembly[i].filled < 150:   # the server took all three
+            await asyncio.sleep(0.005)
+        assert group.machine._sum.any(), "the parts were not summed on arrival"
+        await broken.close()
+        while i in group.machine.alive:   # the server saw the call end
+            await asyncio.sleep(0.005)
+        assert i not in group.assembly and not group.machine._sum.any(), "a broken stream's parts stayed in the sum"
+        gone.set()
+        results = await asyncio.gather(*tasks)
+        await h.rounds_finished()
+        rec = h.record()
+        assert [(d["client"], d["phase"]) for d in rec.dropouts] == [(BAD, "masked_input")], rec.dropouts
+        assert all(r.outcome == "completed" for r in results), results
+        check_round(h, rec, inputs_of(HONEST), old, h.store.model().params)
+
+
+def test_unaligned_parts_read_in_place_sum_and_retract_like_aligned_ones():
+    """Words read in place from a message start at any byte: the sum of unaligned parts (and
+    their retraction) is bit-identical to that of aligned ones."""
+    import numpy as np
+
+    cfg = make_config(4, Mode.SEMI_HONEST, dim=1000)
+    r = Round(cfg)
+    r.run_until(Phase.SHARE_KEYS)
+    server = r.server
+    vectors = {i: r.clients[i].masked_input(r.inbox[i], r.inputs[i]).vector for i in r.clients}
+
+    def unaligned(v: np.ndarray, shift: int) -> np.ndarray:
+        raw = b"\0" * shift + v.astype("<u4").tobytes()
+        w = np.frombuffer(memoryview(raw)[shift:], dtype="<u4").astype(v.dtype, copy=False)
+        assert not w.flags.aligned
+        return w
+
+    broken = unaligned(vectors[1][:700], 3)
+    server.add_masked_part(1, 0, broken)
+    server.retract_masked_part(0, broken)
+    server.drop(1, DropReason.DISCONNECTED, "stream broke mid-vector")
+    for i in (2, 3, 4):
+        server.add_masked_part(i, 0, unaligned(vectors[i][:600], i - 1))
+        server.add_masked_part(i, 600, vectors[i][600:])
+        server.complete_masked_input(i, 1000)
+    r.inbox = dict(server.close_phase())
+    r.resume()
+    r.assert_exact({2, 3, 4})
