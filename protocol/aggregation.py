@@ -78,14 +78,18 @@ def combine_groups(
         res = check_group_sum(dec.total, dec.count, dec.sqnorm_total, n, bounds)
         verdicts.append(GroupVerdict(g, n, res.accepted, res.reasons, {k: float(v) for k, v in res.metrics.items()}))
         if res.accepted:
-            means.append(dec.mean(n))
+            mean = dec.total   # in place: the decoded sum is not used again (one float D-vector per group, not two)
+            mean /= n
+            means.append(mean)
             weights.append(n)
             groups.append(g)
+        del dec
     if not means:
         return RoundDecision(tuple(verdicts), None, rule, (), {}, failure="no group passed the aggregate checks")
     f_value = f(groups) if callable(f) else f
     try:
-        out = aggregate(rule, np.stack(means), f=min(f_value, len(means) - 1), weights=np.asarray(weights, dtype=float), **dict(rule_params or {}))
+        points = means[0][np.newaxis] if len(means) == 1 else np.stack(means)   # one group: a view, not a copy
+        out = aggregate(rule, points, f=min(f_value, len(means) - 1), weights=np.asarray(weights, dtype=float), **dict(rule_params or {}))
     except ValueError as exc:
         return RoundDecision(tuple(verdicts), None, rule, (), {}, failure=f"rule {rule} cannot run on {len(means)} accepted groups: {exc}")
     info = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in out.info.items()}

@@ -644,7 +644,8 @@ class Coordinator:
         version, outcome, error = model.version, "aborted", "every group aborted: " + "; ".join(g.error for g in groups)
         if decision is not None:
             if decision.update is not None:
-                new = decision.update * cfg.server_lr
+                new = decision.update   # the rule's output is ours: scaled in place, not copied
+                new *= cfg.server_lr
                 new += model.params
                 reason = f"round {round_id}: {cfg.rule} over groups {list(decision.selected_groups)}"
                 version = await asyncio.to_thread(self.store.append_model, new, round_id=round_id, reason=reason)

@@ -276,3 +276,27 @@ def test_unaligned_parts_read_in_place_sum_and_retract_like_aligned_ones():
     r.inbox = dict(server.close_phase())
     r.resume()
     r.assert_exact({2, 3, 4})
+
+
+def test_combining_one_group_holds_at_most_three_float_vectors():
+    """Server memory at the end of a round: decoding, checking and averaging one group's sum of
+    D words allocates at most 3 float64 D-vectors (the decoded sum divided in place, the rule's
+    output and numpy's weighted-average temporary), not a copy per step."""
+    import tracemalloc
+
+    import numpy as np
+
+    from secagg.protocol.aggregation import combine_groups
+    from secagg.protocol.encoding import EncodingParams
+
+    d = 1_000_000
+    words = np.zeros(d + 2, dtype=np.uint32)
+    words[-2] = 3   # three contributors, all-zero updates: the checks accept it
+    tracemalloc.start()
+    try:
+        decision = combine_groups({1: (words, 3)}, EncodingParams())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decision.update is not None and not decision.update.any()
+    assert peak <= 3 * 8 * d + (1 << 20), f"{peak / 8 / d:.2f} float vectors"
