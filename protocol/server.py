@@ -122,6 +122,19 @@ class ServerMachine:
             return frozenset()
         return frozenset(self.alive - set(self.received[self.phase]))
 
+    def expects(self, index: int) -> bool:
+        """``index`` still owes this phase's message (O(1): asked once per incoming message)."""
+        return (self.state is ServerState.RUNNING and not self.awaiting_pass and index in self.alive
+                and index not in self.received[self.phase])
+
+    def _anyone_missing(self) -> bool:
+        # stops at the first member still owed: checked after every message, so building the
+        # whole waiting set each time (O(members)) made a phase O(members^2)
+        if self.state is not ServerState.RUNNING:
+            return False
+        got = self.received[self.phase]
+        return any(i not in got for i in self.alive)
+
     def drop(self, index: int, reason: DropReason, detail: str = "") -> None:
         """The transport saw ``index`` go (stream closed, deadline) or the core rejected it."""
         if index in self.alive:
@@ -281,7 +294,7 @@ class ServerMachine:
         multi-pass group waits for its next pass: that is ``start_pass``)."""
         if self.awaiting_pass:
             return False
-        return not self.waiting_for() or (self.deadline is not None and now >= self.deadline)
+        return not self._anyone_missing() or (self.deadline is not None and now >= self.deadline)
 
     def close_phase(self, now: float | None = None) -> dict[int, ServerMessage]:
         """End the current phase (stragglers are dropped) and return what to send to whom;

@@ -393,7 +393,7 @@ class Coordinator:
             if chunk.offset != 0:
                 raise RemoteProtocolError(f"first masked-input chunk must start at offset 0, got {chunk.offset}", index=i)
             await group.inflight.acquire()   # backpressure: the client waits in gRPC flow control
-            if i not in m.waiting_for() or m.phase is not Phase.MASKED_INPUT:
+            if not m.expects(i) or m.phase is not Phase.MASKED_INPUT:
                 group.inflight.release()
                 return time.thread_time()
             a = group.assembly[i] = Assembly(group.config.dim)

@@ -300,3 +300,19 @@ def test_combining_one_group_holds_at_most_three_float_vectors():
         tracemalloc.stop()
     assert decision.update is not None and not decision.update.any()
     assert peak <= 3 * 8 * d + (1 << 20), f"{peak / 8 / d:.2f} float vectors"
+
+
+def test_expects_and_ready_to_close_agree_with_the_waiting_set():
+    """The O(1) checks the transport makes per message say what ``waiting_for`` says."""
+    cfg = make_config(6, Mode.SEMI_HONEST, dim=10)
+    r = Round(cfg)
+    server = r.server
+    assert all(server.expects(i) for i in range(1, 7)) and not server.ready_to_close(0.0)
+    server.drop(2, DropReason.DISCONNECTED, "gone")
+    for i in (1, 3, 4, 5):
+        server.receive(r.clients[i].advertise_keys())
+        assert {i for i in range(1, 7) if server.expects(i)} == server.waiting_for()
+        assert not server.ready_to_close(0.0)
+    server.receive(r.clients[6].advertise_keys())
+    assert not server.waiting_for() and not any(server.expects(i) for i in range(1, 7))
+    assert server.ready_to_close(0.0)
