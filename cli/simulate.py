@@ -7,6 +7,7 @@ import sys
 
 from .jsonout import add_json_option, to_stdout, write_json
 from .main import EXIT_ABORTED, EXIT_FAILED, NEIGHBORS_HELP, UsageError, neighbors_arg, require_sim_extra
+from .ray_option import add_ray_option, check_ray, ray_address, ray_for, where
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--neighbors", type=neighbors_arg, default=0, help=NEIGHBORS_HELP)
     p.add_argument("--mode", choices=["semi-honest", "active"], default="active")
     p.add_argument("--threshold", type=float, default=0.0, help="0 = safe minimum; <1 fraction; >=1 absolute")
-    p.add_argument("--processes", type=int, default=2, help="client worker processes")
+    p.add_argument("--processes", type=int, default=2, help="client worker processes (Ray actors with --ray)")
+    add_ray_option(p, "place the client workers as Ray actors that dial the server over gRPC,")
+    p.add_argument("--server-host", metavar="HOST", help="with --ray: the address the server listens on and the actors "
+                   "dial; every Ray node must reach it (default 127.0.0.1 on a local Ray, else this machine's address "
+                   "in the Ray cluster)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phase-seconds", type=float, default=30.0)
     add_json_option(p, "the summary")
@@ -55,6 +60,13 @@ def run(args: argparse.Namespace) -> int:
     from secagg.simulation.attacks import normalize_attack_name
     from secagg.simulation.simulate import SimConfig, SimulationError, default_groups, run_simulation
 
+    if args.ray is not None:
+        check_ray()
+    elif args.server_host is not None:
+        raise UsageError("--server-host applies to --ray; local worker processes reach the server on 127.0.0.1")
+    if args.server_host is not None and args.server_host.strip("[]") in ("0.0.0.0", "::", ""):
+        raise UsageError(f"--server-host {args.server_host!r}: the actors dial this address, so give one of this machine's "
+                         "addresses that every Ray node reaches, not a wildcard")
     if task == "digits" and args.dim is not None:
         raise UsageError("--dim applies to --task synthetic; the digits model's size is fixed")
     groups = default_groups(args.clients) if args.groups is None else args.groups
@@ -84,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging("warning", console=console)  # log lines print above the progress bars, not through them
     what = f"synthetic vectors (dim {cfg.dim})" if task == "synthetic" else "softmax regression on digits"
+    workers = f"{cfg.processes} worker processes" if args.ray is None else f"{cfg.processes} Ray actors on {where(args.ray, cfg.processes)}"
     console.print(f"[bold]secagg simulate[/]: {cfg.clients} clients in {cfg.groups} group(s), {what}, {cfg.rounds} rounds, {cfg.mode}, "
-                  f"dropout {cfg.dropout:.0%} before {cfg.dropout_phase}, {cfg.processes} worker processes")
+                  f"dropout {cfg.dropout:.0%} before {cfg.dropout_phase}, {workers}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as prog:
         rounds = prog.add_task("rounds", total=cfg.rounds)
         clients = prog.add_task("client results", total=cfg.rounds * cfg.clients)
@@ -94,7 +107,14 @@ def run(args: argparse.Namespace) -> int:
             prog.advance(rounds if kind == "round" else clients)
 
         try:
-            summary = run_simulation(cfg, progress=on_event)
+            if args.ray is None:
+                summary = run_simulation(cfg, progress=on_event)
+            else:
+                from secagg.simulation.ray_backend import RayActors, node_ip
+
+                with ray_for(args.ray, num_cpus=cfg.processes) as ray:
+                    host = args.server_host or ("127.0.0.1" if ray_address(args.ray) is None else node_ip(ray))
+                    summary = run_simulation(cfg, progress=on_event, workers_on=RayActors(ray, host))
         except SimulationError as exc:
             raise UsageError(str(exc)) from None
     print_summary(console, summary)

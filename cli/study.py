@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .main import UsageError, require_sim_extra
+from .ray_option import add_ray_option, check_ray, ray_for, where
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, metavar="TOML", help="grid file; keys as the flags (group_sizes = [1, 2, 5], ...)")
     p.add_argument("--quick", action="store_true", help="a small grid on the digits task (under 3 minutes on 2 cores)")
     p.add_argument("--grpc", action="store_true", help="run each point through the multi-process gRPC simulator instead")
+    add_ray_option(p, "run every point as a Ray task (the same tables as the local processes)")
     p.add_argument("--seeds", metavar="N", help="seeds 0..N-1 per grid point")
     p.add_argument("--rounds", metavar="R")
     p.add_argument("--clients", metavar="N")
@@ -54,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--assumed-byzantine", metavar="FRACTION",
                    help="the Byzantine fraction the operator assumes; rules get f from it, never the true count")
     p.add_argument("--jobs", default="0", metavar="N",
-                   help="worker processes for in-memory runs (default 0 = one per core; results do not depend on it)")
+                   help="worker processes for in-memory runs, or the CPUs of a local --ray (default 0 = one per core; "
+                        "results do not depend on it)")
     p.set_defaults(func=run)
 
 
@@ -188,6 +191,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
     from secagg.simulation.study import expand, run_study, worst_case, write_outputs
 
+    if args.ray is not None:
+        if args.grpc:
+            raise UsageError("--ray runs the in-memory runs as Ray tasks and --grpc runs each through local server and "
+                             "client processes; give one of them")
+        check_ray()
     jobs = _int("--jobs", args.jobs, 0) or (os.cpu_count() or 1)
     grid = build_grid(args)
     specs = expand(grid)
@@ -202,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
     from .log import setup_logging
 
     setup_logging("warning", console=console)  # log lines print above the progress bar, not through it
-    backend = "gRPC simulator" if args.grpc else f"in memory, {jobs} process(es)"
+    backend = ("gRPC simulator" if args.grpc else f"in memory, Ray tasks on {where(args.ray, jobs)}" if args.ray is not None
+               else f"in memory, {jobs} process(es)")
     console.print(f"[bold]secagg study[/]: {len(specs)} runs ({len(grid.group_sizes)} group sizes x {len(grid.rules)} rules x "
                   f"{len(grid.attacks)} attacks x {len(grid.byzantine)} Byzantine fractions x {len(grid.dropout)} dropout x "
                   f"{len(grid.bypass_bounds)} takeover x {len(grid.non_iid)} splits x {len(grid.momentum)} momentum x "
@@ -217,7 +226,13 @@ def run(args: argparse.Namespace) -> int:
             prog.update(bar, advance=1, last=f"{spec.label()}: accuracy {row['final_accuracy']:.3f}")
 
         try:
-            rows = run_study(specs, jobs=jobs, grpc=args.grpc, on_row=on_row)
+            if args.ray is None:
+                rows = run_study(specs, jobs=jobs, grpc=args.grpc, on_row=on_row)
+            else:
+                from secagg.simulation.ray_backend import RayExecutor
+
+                with ray_for(args.ray, num_cpus=jobs) as ray:
+                    rows = run_study(specs, on_row=on_row, executor=RayExecutor(ray))
         except ValueError as exc:
             raise UsageError(str(exc).splitlines()[0]) from None
     wall = time.perf_counter() - t0

@@ -281,9 +281,30 @@ def encode_input(fed: Any, index: int, update: np.ndarray, params: EncodingParam
     return encode(update, params, members, rounding_seed=seed)
 
 
+class LocalProcesses:
+    """Where client workers run by default: processes on this machine, the server on loopback.
+    Any other placement (``ray_backend.RayActors``) has the same two members: ``server_host``
+    (the server listens there and workers dial it) and a call returning a Process-like worker."""
+
+    kind = "processes"
+    server_host = "127.0.0.1"
+
+    def __init__(self, ctx: Any) -> None:
+        self._ctx = ctx
+
+    def __call__(self, job: dict[str, Any], events: Any, name: str) -> Any:
+        return self._ctx.Process(target=_worker_main, args=(job, events), name=name, daemon=True)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 # ---- the parent: orchestration, oracle, summary --------------------------------------------------
-def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run the whole simulation; returns the summary (see ``secagg simulate --json``)."""
+def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], None] | None = None,
+                   workers_on: Any = None) -> dict[str, Any]:
+    """Run the whole simulation; returns the summary (see ``secagg simulate --json``). Client workers
+    run where ``workers_on`` puts them (default: ``LocalProcesses``)."""
     from secagg.server.store import Store
     from secagg.server.tls import write_dev_pki
     from secagg.wire.identity import identity_public_key, new_identity_key
@@ -305,13 +326,14 @@ def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], 
     if fed is not None:
         init_model = str(work / "init.npy")
         np.save(init_model, fed.initial_params())
-    server_cfg = dict(address="127.0.0.1:0", db=str(db), tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), dim=dim,
+    ctx = mp.get_context("spawn")
+    launch = workers_on or LocalProcesses(ctx)
+    server_cfg = dict(address=_host_port(launch.server_host, 0), db=str(db), tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), dim=dim,
                       init_model=init_model, rounds=cfg.rounds, linger_seconds=0.0, min_clients=cfg.clients, max_clients=cfg.clients, lobby_seconds=0.0,
                       groups=cfg.groups, grouping=cfg.grouping, epoch_rounds=cfg.epoch_rounds, mode=cfg.mode,
                       neighbors=cfg.neighbors, threshold=cfg.threshold, phase_seconds=cfg.phase_seconds, chunk_words=cfg.chunk_words, clip_norm=cfg.clip_norm,
                       clip_value=cfg.clip_value, precision_bits=cfg.precision_bits, rule=cfg.rule,
                       byzantine_groups=cfg.byzantine_groups)
-    ctx = mp.get_context("spawn")
     events = ctx.Queue()
     t_start = time.monotonic()
     server = ctx.Process(target=_server_main, args=(server_cfg, events, cfg.profile_dir), name="secagg-server", daemon=True)
@@ -326,9 +348,11 @@ def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], 
         plan = drop_plan(cfg)
         ids = sorted(keys)
         for w in range(min(cfg.processes, cfg.clients)):
-            job = {"worker": w, "cfg": asdict(cfg), "plan": plan, "address": f"127.0.0.1:{port}", "ca": pki.ca_cert.read_bytes(),
-                   "wait": client_wait_seconds(cfg, dim), "clients": [(c, keys[c]) for c in ids[w :: cfg.processes]]}
-            p = ctx.Process(target=_worker_main, args=(job, events), name=f"secagg-worker-{w}", daemon=True)
+            # everything by value (CA certificate, identity keys): a worker may be on another machine
+            job = {"worker": w, "cfg": asdict(cfg), "plan": plan, "address": _host_port(launch.server_host, port),
+                   "ca": pki.ca_cert.read_bytes(), "wait": client_wait_seconds(cfg, dim),
+                   "clients": [(c, keys[c]) for c in ids[w :: cfg.processes]]}
+            p = launch(job, events, f"secagg-worker-{w}")
             with _single_threaded_children():
                 p.start()
             workers.append(p)
@@ -366,6 +390,8 @@ def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], 
                 break
             if ev[0] == "client":
                 client_rows.append(ev[1:])
+                if progress:
+                    progress("client", {"client": ev[1], "round": ev[2], "outcome": ev[3]})
             elif ev[0] == "worker_done":
                 worker_rss_kb[ev[1]] = ev[2]
         wall = time.monotonic() - t_start
@@ -373,7 +399,7 @@ def run_simulation(cfg: SimConfig, *, progress: Callable[[str, dict[str, Any]], 
             summary = summarize(cfg, store, client_rows, fed, dim)
         summary.update(wall_seconds=wall, server_peak_rss_mb=peak_rss_kb / 1024,
                        worker_peak_rss_mb=[worker_rss_kb[w] / 1024 for w in sorted(worker_rss_kb)],
-                       workdir=str(work) if cfg.workdir else None)
+                       workdir=str(work) if cfg.workdir else None, workers=launch.kind)
         return summary
     finally:
         for p in [*workers, server]:

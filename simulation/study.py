@@ -21,6 +21,8 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,11 +335,13 @@ def run_spec_grpc(spec: RunSpec) -> dict[str, Any]:
 
 
 def run_study(specs: Sequence[RunSpec], *, jobs: int = 1, grpc: bool = False,
-              on_row: Callable[[RunSpec, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Run every spec (``jobs`` worker processes for in-memory runs); rows come back in spec order."""
+              on_row: Callable[[RunSpec, dict[str, Any]], None] | None = None,
+              executor: Executor | None = None) -> list[dict[str, Any]]:
+    """Run every spec (``jobs`` worker processes for in-memory runs, or every run through
+    ``executor``, e.g. ``ray_backend.RayExecutor``, which the caller shuts down); rows come back in spec order."""
     runner = run_spec_grpc if grpc else run_spec
     rows: dict[int, dict[str, Any]] = {}
-    if jobs <= 1 or grpc or len(specs) < 4 * jobs:  # a small grid is not worth starting workers for
+    if executor is None and (jobs <= 1 or grpc or len(specs) < 4 * jobs):  # a small grid is not worth starting workers for
         for i, spec in enumerate(specs):
             rows[i] = runner(spec)
             if on_row:
@@ -346,7 +350,8 @@ def run_study(specs: Sequence[RunSpec], *, jobs: int = 1, grpc: bool = False,
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(max_workers=min(jobs, len(specs)), mp_context=mp.get_context("spawn")) as pool:
+        with nullcontext(executor) if executor else ProcessPoolExecutor(max_workers=min(jobs, len(specs)),
+                                                                         mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(runner, spec): i for i, spec in enumerate(specs)}
             for fut in as_completed(futures):
                 i = futures[fut]
