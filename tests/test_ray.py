@@ -27,7 +27,8 @@ from secagg.cli.main import EXIT_CONNECTION, EXIT_USAGE, main
 pytestmark = pytest.mark.slow
 
 SWEEP = ["--clients", "10", "--rounds", "2", "--seeds", "2", "--group-sizes", "1,2", "--rules", "mean,median",
-         "--attacks", "sign_flip", "--byzantine", "0.2", "--jobs", "2"]   # 8 runs: enough for the local pool to start
+         "--attacks", "sign_flip", "--byzantine", "0.2", "--jobs", "2",
+         "--quick", "--non-iid", "iid", "--bucket", "1", "--bypass-bounds", "false"]   # 8 runs: enough for the local pool to start
 
 
 def _tagged(marker: str) -> list[int]:
